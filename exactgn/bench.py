@@ -1,0 +1,276 @@
+"""``exactgn bench``: time a forward pass, an Adam step and both GN steps on one model, in one process.
+
+Speed is reported as ratios to the Adam step measured in the same run (machines are shared and noisy), with
+the floating-point work each step must do (:func:`step_flops`) so that a reader can see how close each step
+comes to its floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .model import RevMLP
+from .optim import GaussNewton
+
+__all__ = ["BenchConfig", "run_bench", "step_flops", "format_table", "add_parser"]
+
+STEPS = ("forward", "adam_step", "gn_right_step", "gn_pinv_step")
+
+
+@dataclass
+class BenchConfig:
+    """Sizes and settings of one benchmark."""
+
+    features: int = 784
+    hidden: int | None = 1024
+    blocks: int = 2
+    batch: int = 256
+    classes: int = 10
+    device: str | None = None
+    repeats: int = 10
+    warmup: int = 2
+    dtype: str = "float32"
+    solve_dtype: str | None = None
+    tf32: bool = False
+    seed: int = 0
+
+
+def step_flops(features: int, hidden: int | None, blocks: int, batch: int, classes: int) -> dict[str, float]:
+    """Floating-point operations (multiply and add counted separately) of each step, as implemented.
+
+    Counts the matrix products, Gram matrices and factorisations; elementwise work is left out. The
+    minimum-norm Gram is counted as exactgn computes it: the lower block triangle in 8 row chunks.
+    """
+    n, B, k, L = features // 2, batch, classes, blocks
+    w = n if hidden is None else hidden
+    hl = 2 * L
+    proj = 2 * B * n * w if hidden is not None else 0  # u C
+    readout = 2 * B * features * k
+    layer_fwd = proj + 2 * B * w * n
+    forward = hl * layer_fwd + readout
+    # Backward: weight gradient 2Bwn, feature gradient 2Bnw, through C; the first half-layer reads the input,
+    # which needs no gradient, so it has only its weight gradient.
+    backward = hl * (4 * B * n * w + proj) - proj - 2 * B * n * w + readout
+    adam = forward + backward
+    gram = 2 * B * B * w
+    chol = B**3 / 3 + 2 * B * B * n  # factor + two triangular solves with n right-hand sides
+    param_step = 2 * B * n * w
+    jvp = proj + 2 * B * w * n
+    right = forward + hl * (gram + chol + param_step) + (hl - 1) * jvp + 2 * B * k * features
+    q = min(8, B)
+    tri = (q + 1) / (2 * q)  # share of the Gram's blocks in its lower block triangle
+    vjp = k * jvp
+    mmt = (hl - 1) * 2 * (B * k) ** 2 * n * tri
+    size = B * k
+    shortcut = (k * B - k) * 2 * w * n  # the last half-layer's cotangent is the same for every sample
+    pinv = forward + (hl - 1) * vjp - shortcut + hl * gram + mmt + size**3 / 3 + 2 * size**2 + hl * (param_step + 2 * k * B * n)
+    return {"forward": forward, "adam_step": adam, "gn_right_step": right, "gn_pinv_step": pinv}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> tuple[float, list[float], int | None]:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return statistics.median(times), times, peak
+
+
+def _environment(device: torch.device) -> dict[str, object]:
+    env: dict[str, object] = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+    else:
+        try:
+            with open("/proc/cpuinfo") as fh:
+                for line in fh:
+                    if line.startswith("model name"):
+                        env["device_name"] = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+    return env
+
+
+def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, object]:
+    """Run the benchmark; returns medians in seconds (``forward_s``, ``adam_step_s``, ``gn_right_step_s``,
+    ``gn_pinv_step_s``), every timing, ratios to the Adam step, counted FLOPs, sizes and the environment."""
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+    dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
+    tf32_ctx = _tf32(cfg.tf32) if device.type == "cuda" else nullcontext()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randn(cfg.batch, cfg.features, generator=gen).to(device, dtype)
+    y = torch.randint(0, cfg.classes, (cfg.batch,), generator=gen).to(device)
+
+    def build() -> RevMLP:
+        return RevMLP(cfg.features, cfg.classes, cfg.blocks, cfg.hidden, seed=cfg.seed, dtype=dtype).to(device)
+
+    least_squares = cfg.batch > build().max_exact_batch
+    results: dict[str, object] = {}
+    timings: dict[str, list[float]] = {}
+    peaks: dict[str, int | None] = {}
+
+    with tf32_ctx:
+        model = build()
+        with torch.no_grad():
+            fwd = lambda: model(x)  # noqa: E731
+            results["forward_s"], timings["forward"], peaks["forward"] = _time(fwd, device, cfg.repeats, cfg.warmup)
+        del model
+
+        model = build()
+        adam = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+        def adam_step() -> None:
+            adam.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            adam.step()
+
+        results["adam_step_s"], timings["adam_step"], peaks["adam_step"] = _time(adam_step, device, cfg.repeats, cfg.warmup)
+        del model, adam
+
+        for inverse in ("right", "pinv"):
+            key = f"gn_{inverse}_step"
+            model = build()
+            opt = GaussNewton(model, lr=0.1, inverse=inverse, least_squares=least_squares, solve_dtype=cfg.solve_dtype)
+            results[f"{key}_s"], timings[key], peaks[key] = _time(lambda: opt.step(x, y), device, cfg.repeats, cfg.warmup)
+            if progress:
+                print(f"  {key}: {results[f'{key}_s']:.4g} s", flush=True)
+            del model, opt
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    flops = step_flops(cfg.features, cfg.hidden, cfg.blocks, cfg.batch, cfg.classes)
+    adam_s = results["adam_step_s"]
+    results.update(
+        sizes=dict(features=cfg.features, hidden=cfg.hidden, blocks=cfg.blocks, batch=cfg.batch, classes=cfg.classes),
+        settings=dict(dtype=cfg.dtype, solve_dtype=cfg.solve_dtype, tf32=cfg.tf32, repeats=cfg.repeats,
+                      warmup=cfg.warmup, seed=cfg.seed, least_squares_right=least_squares),
+        device=str(device),
+        environment=_environment(device),
+        ratios={s: results[f"{s}_s"] / adam_s for s in STEPS},
+        flops=flops,
+        flop_ratios={s: flops[s] / flops["adam_step"] for s in STEPS},
+        gflops_per_s={s: flops[s] / results[f"{s}_s"] / 1e9 for s in STEPS},
+        timings=timings,
+        peak_memory_bytes=peaks,
+    )
+    return results
+
+
+class _tf32:
+    """Context manager: TF32 matrix products on (or explicitly off) for CUDA."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __enter__(self) -> None:
+        self.saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = self.enabled
+        torch.backends.cudnn.allow_tf32 = self.enabled
+
+    def __exit__(self, *exc: object) -> None:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+
+
+def format_table(results: dict[str, object]) -> str:
+    """A Markdown table of medians, ratios to Adam, counted FLOP ratios, throughput and peak memory."""
+    sizes, env = results["sizes"], results["environment"]
+    head = (
+        f"d={sizes['features']} h={sizes['hidden']} L={sizes['blocks']} B={sizes['batch']} k={sizes['classes']} "
+        f"on {env.get('device_name', env['device'])} ({results['device']}, torch {env['torch']}, "
+        f"{env['threads']} threads, {results['settings']['dtype']}"
+        f"{', TF32' if results['settings']['tf32'] else ''}"
+        f"{', float64 solves' if results['settings']['solve_dtype'] == 'float64' else ''})"
+    )
+    lines = [head, "", "| step | median (s) | × Adam step | counted FLOPs × Adam | GFLOP/s | peak memory |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for s in STEPS:
+        peak = results["peak_memory_bytes"][s]
+        lines.append(
+            f"| {s} | {results[f'{s}_s']:.4g} | {results['ratios'][s]:.2f} | {results['flop_ratios'][s]:.2f} | "
+            f"{results['gflops_per_s'][s]:.1f} | {'-' if peak is None else f'{peak / 2**30:.2f} GiB'} |"
+        )
+    if results["settings"]["least_squares_right"]:
+        lines.append("")
+        lines.append("Note: the batch exceeds the rank bound of the identity first block, so the right step is the "
+                     "least-squares one (eigen-solve), not the exact Cholesky one.")
+    return "\n".join(lines)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="time forward, Adam and both GN steps on one model",
+        description="Time, in one process, the median of repeated steps of: a forward pass, an Adam step "
+        "(forward + backward + update), a GN step with the right inverse and a GN step with the minimum-norm "
+        "inverse (cross-entropy, identity Hessian, random data). Prints a table of medians and ratios to the "
+        "Adam step, with the counted FLOPs of each step.",
+    )
+    p.add_argument("--features", type=int, default=784, help="input size d (default 784)")
+    p.add_argument("--hidden", type=_hidden, default=1024, help="bottleneck width h, or 'none' (default 1024)")
+    p.add_argument("--blocks", type=int, default=2, help="coupling blocks L (default 2)")
+    p.add_argument("--batch", type=int, default=256, help="batch size B (default 256)")
+    p.add_argument("--classes", type=int, default=10, help="classes k (default 10)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--repeats", type=int, default=10, help="timed repetitions per step (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed repetitions first (default 2)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--solve-dtype", choices=("float32", "float64"), default=None,
+                   help="precision of the Gram factorisations (default: the model's)")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 matrix products on CUDA")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    p.set_defaults(func=_main)
+
+
+def _hidden(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
+
+
+def _main(args: argparse.Namespace) -> int:
+    for name in ("features", "blocks", "batch", "classes", "repeats"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"exactgn bench: --{name} must be at least 1")
+    cfg = BenchConfig(
+        features=args.features, hidden=args.hidden, blocks=args.blocks, batch=args.batch, classes=args.classes,
+        device=args.device, repeats=args.repeats, warmup=args.warmup, dtype=args.dtype,
+        solve_dtype=args.solve_dtype, tf32=args.tf32, seed=args.seed,
+    )
+    results = run_bench(cfg)
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+        print(f"wrote {args.json}")
+    return 0

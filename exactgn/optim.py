@@ -1,0 +1,153 @@
+"""``GaussNewton``: a ``torch.optim.Optimizer`` taking exact GN steps on a :class:`RevMLP`.
+
+Adam and SGD are torch's own; this module adds only GN.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from .errors import NonFiniteError
+from .gn import INVERSES, GNResult, compute_direction
+from .linalg import Regularisation
+from .losses import HESSIANS, LOSSES, check_choice
+from .model import RevMLP
+
+__all__ = ["GaussNewton"]
+
+# Settings that define the GN direction itself: one value for the whole model.
+_DIRECTION_KEYS = ("loss", "hessian", "inverse", "rtol", "atol", "damping", "least_squares", "solve_dtype")
+_SOLVE_DTYPES = {None: None, "float32": torch.float32, "float64": torch.float64}
+
+
+class GaussNewton(torch.optim.Optimizer):
+    """Exact Gauss–Newton: ``θ ← θ − lr·(Δθ + weight_decay·θ + ξ)`` with ``Δθ`` from :func:`exactgn.gn_direction`.
+
+    Unlike torch's optimisers, :meth:`step` takes the batch: ``opt.step(inputs, targets)``. It needs no
+    ``backward()``. Learning-rate schedulers and ``state_dict``/``load_state_dict`` work as usual.
+
+    Args:
+        model: the :class:`RevMLP` to train.
+        lr: learning rate. With ``lr=1`` the linearised model fits ``v`` exactly on the batch.
+        params: optional parameter groups (each with its own ``lr``, ``weight_decay``, ``noise``); together they
+            must hold every trainable parameter of ``model``, since the GN direction moves all of them.
+        loss, hessian, inverse, rtol, atol, damping, least_squares: as in :func:`exactgn.gn_direction`.
+        weight_decay: adds ``weight_decay·θ`` to the direction (so it decays by ``lr·weight_decay`` a step).
+        noise: adds Gaussian noise with standard deviation ``noise × RMS(Δθ)`` per parameter tensor to the
+            direction (DESIGN §3c), drawn from torch's global generator.
+        solve_dtype: ``"float64"`` to factorise the Gram matrices in double precision, ``None`` for the model's.
+
+    After each step, ``opt.last_result`` holds the :class:`~exactgn.gn.GNResult` (logits, ``v``, solve reports).
+    """
+
+    def __init__(
+        self,
+        model: RevMLP,
+        lr: float = 1.0,
+        *,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
+        loss: str = "cross_entropy",
+        hessian: str = "identity",
+        inverse: str = "right",
+        rtol: float = 0.0,
+        atol: float = 0.0,
+        damping: float = 0.0,
+        least_squares: bool = False,
+        weight_decay: float = 0.0,
+        noise: float = 0.0,
+        solve_dtype: str | None = None,
+    ) -> None:
+        if not isinstance(model, RevMLP):
+            raise TypeError(f"GaussNewton needs an exactgn.RevMLP, got {type(model).__name__}")
+        defaults = dict(
+            lr=lr, loss=loss, hessian=hessian, inverse=inverse, rtol=rtol, atol=atol, damping=damping,
+            least_squares=least_squares, weight_decay=weight_decay, noise=noise, solve_dtype=solve_dtype,
+        )
+        _check_group(defaults)
+        super().__init__(model.parameters() if params is None else params, defaults)
+        self.model = model
+        self.last_result: GNResult | None = None
+        owned = {id(p) for g in self.param_groups for p in g["params"]}
+        trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+        missing = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in owned]
+        if missing:
+            raise ValueError(
+                f"GaussNewton must own every trainable parameter of the model (the GN direction moves them all); "
+                f"missing: {missing[:4]}{' ...' if len(missing) > 4 else ''}"
+            )
+        if len(owned) != len(trainable):
+            raise ValueError("GaussNewton was given tensors that are not trainable parameters of the model")
+        for group in self.param_groups:
+            _check_group(group)
+
+    def _direction_settings(self) -> dict[str, Any]:
+        first = self.param_groups[0]
+        for group in self.param_groups[1:]:
+            for key in _DIRECTION_KEYS:
+                if group[key] != first[key]:
+                    raise ValueError(
+                        f"all parameter groups must share {key!r} (it defines the GN direction); "
+                        f"got {first[key]!r} and {group[key]!r}"
+                    )
+        return {key: first[key] for key in _DIRECTION_KEYS}
+
+    @torch.no_grad()
+    def step(self, inputs: Tensor, targets: Tensor) -> Tensor:  # type: ignore[override]
+        """One GN step on the batch ``(inputs, targets)``; returns the batch loss *before* the step.
+
+        If the step would make any parameter NaN or infinite, no parameter changes and
+        :class:`~exactgn.NonFiniteError` is raised.
+        """
+        for group in self.param_groups:
+            _check_group(group)
+        settings = self._direction_settings()
+        settings["solve_dtype"] = _SOLVE_DTYPES[settings["solve_dtype"]]
+        result = compute_direction(self.model, inputs, targets, **settings)
+        name_of = {p: name for name, p in self.model.named_parameters()}
+        updated: list[tuple[Tensor, Tensor]] = []
+        for group in self.param_groups:
+            lr, wd, noise = group["lr"], group["weight_decay"], group["noise"]
+            for p in group["params"]:
+                d = result.direction[name_of[p]]
+                if noise:
+                    rms = d.pow(2).mean().sqrt()
+                    d = d + noise * rms * torch.randn_like(d)
+                if wd:
+                    d = d + wd * p
+                updated.append((p, p - lr * d))
+        bad = [name_of[p] for p, new in updated if not torch.isfinite(new).all()]
+        if bad:
+            raise NonFiniteError(
+                f"the GN step would make {bad[:4]} non-finite (batch loss before the step: {result.loss.item():.4g}); "
+                "the parameters were left unchanged. Lower the learning rate or add damping/truncation."
+            )
+        for p, new in updated:
+            p.copy_(new)
+            state = self.state[p]
+            state["step"] = state.get("step", 0) + 1
+        self.last_result = result
+        return result.loss
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        lr = float(lr)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"lr must be a finite number >= 0, got {group['lr']!r}")
+    check_choice("loss", group["loss"], LOSSES)
+    check_choice("hessian", group["hessian"], HESSIANS)
+    check_choice("inverse", group["inverse"], INVERSES)
+    Regularisation(group["rtol"], group["atol"], group["damping"])
+    for key in ("weight_decay", "noise"):
+        value = group[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
+    if group["solve_dtype"] not in _SOLVE_DTYPES:
+        raise ValueError(f"solve_dtype must be None, 'float32' or 'float64', got {group['solve_dtype']!r}")
+    if not isinstance(group["least_squares"], bool):
+        raise ValueError(f"least_squares must be True or False, got {group['least_squares']!r}")

@@ -1,0 +1,50 @@
+"""The benchmark's contract: its JSON keys and its FLOP counts (checked against torch's FLOP counter)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import exactgn
+from exactgn.bench import step_flops
+from exactgn.cli import main
+
+
+@pytest.mark.parametrize("hidden", [8, None])
+def test_counted_flops_of_forward_and_adam_match_torch(hidden):
+    model = exactgn.RevMLP(16, 3, 3, hidden)
+    x, y = torch.randn(5, 16), torch.randint(0, 3, (5,))
+    counted = step_flops(16, hidden, 3, 5, 3)
+    with FlopCounterMode(display=False) as fwd, torch.no_grad():
+        model(x)
+    with FlopCounterMode(display=False) as step:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert counted["forward"] == fwd.get_total_flops()
+    assert counted["adam_step"] == step.get_total_flops()
+
+
+def test_bench_writes_the_documented_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--features", "16", "--hidden", "8", "--blocks", "2", "--batch", "4", "--classes", "3",
+            "--repeats", "3", "--warmup", "1", "--device", "cpu", "--json", str(out)]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    for row in ("forward", "adam_step", "gn_right_step", "gn_pinv_step", "× Adam step"):
+        assert row in table
+    res = json.loads(out.read_text())
+    keys = ("forward_s", "adam_step_s", "gn_right_step_s", "gn_pinv_step_s")
+    assert all(isinstance(res[k], float) and res[k] > 0 for k in keys)
+    assert res["sizes"] == dict(features=16, hidden=8, blocks=2, batch=4, classes=3)
+    assert res["device"] == "cpu"
+    assert res["ratios"]["gn_pinv_step"] == pytest.approx(res["gn_pinv_step_s"] / res["adam_step_s"])
+    assert all(len(res["timings"][k[:-2]]) == 3 for k in keys)
+
+
+def test_bench_rejects_bad_sizes(capsys):
+    with pytest.raises(SystemExit, match="--batch must be at least 1"):
+        main(["bench", "--batch", "0"])
+    assert main(["bench", "--features", "15", "--hidden", "4", "--batch", "2", "--repeats", "1", "--device", "cpu"]) == 2
+    assert "in_features must be even" in capsys.readouterr().err

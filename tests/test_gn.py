@@ -1,0 +1,289 @@
+"""Both GN directions and the NTK against brute force in float64 (DESIGN §4).
+
+Every check draws a fresh model and batch (see the ``rng`` fixture). ``J`` is built with ``torch.func.jacrev``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+from torch.func import functional_call, grad
+
+import exactgn
+from conftest import flat, jacobian, param_names, random_model, relative
+from exactgn.errors import InexactStepError
+from exactgn.linalg import GramFallbackWarning
+from exactgn.losses import loss_value
+
+F64 = torch.float64
+D, K = 24, 3  # d/2 = 12 ≥ h, so the bound of the identity first block is not the binding one
+TARGETS = [("mse", "exact"), ("cross_entropy", "exact"), ("cross_entropy", "identity")]
+
+
+def _activations(model, x):
+    """Explicit activation matrices A_j = [φ(u C), 1] from a plain re-implementation of the forward pass."""
+    n = model.in_features // 2
+    a, b = x[:, :n], x[:, n:]
+    mats = []
+    for block in model.blocks:
+        for layer, which in ((block.f, "f"), (block.g, "g")):
+            u = b if which == "f" else a
+            pre = u if layer.proj is None else u @ layer.proj
+            feats = pre if layer.activation == "identity" else torch.relu(pre)
+            cols = [feats] + ([torch.ones(len(x), 1, dtype=x.dtype)] if layer.bias is not None else [])
+            mats.append(torch.cat(cols, 1))
+            out = feats @ layer.weight.T + (0 if layer.bias is None else layer.bias)
+            if which == "f":
+                a = a + out
+            else:
+                b = b + out
+    return mats
+
+
+MAX_COND = 1e3
+
+
+def _cond(a):
+    """2-norm condition number of a wide matrix (inf when rank-deficient; torch.linalg.cond can give -inf)."""
+    s = torch.linalg.svdvals(a)
+    return (s[0] / s[-1]).item() if s[-1] > 0 else float("inf")
+
+
+def draw(rng, batch, *, kink=False, attempts=200, **kw):
+    """A fresh (model, x, y) whose activation matrices all have full row rank: the precondition of exactness.
+
+    Full rank numerically: every ``A_j`` has condition number at most ``MAX_COND``. The Gram route of DESIGN
+    §3a loses ``cond(A)²`` (relative error ≈ ``eps·cond(A)²``, pinned by
+    ``test_right_inverse_error_follows_the_conditioning``), so ``1e-10`` in float64 needs ``cond(A) ≲ 3·10³``.
+    With ``kink=True`` one sample is all zeros, so that every ReLU pre-activation of it is exactly 0.
+    """
+    for _ in range(attempts):
+        model = random_model(rng, in_features=D, num_classes=K, **kw)
+        x = torch.randn(batch, D, generator=rng, dtype=F64)
+        if kink:
+            x[0] = 0
+        if all(_cond(a) <= MAX_COND for a in _activations(model, x)):
+            y = torch.randint(0, K, (batch,), generator=rng)
+            return model, x, y
+    raise AssertionError("could not draw a model whose activation matrices have full row rank")
+
+
+CASES = list(itertools.product([8, None], [True, False], [1, 2, 3], TARGETS))
+
+
+def _batches(model):
+    top = model.max_exact_batch
+    return sorted({1, (top + 1) // 2, top})
+
+
+@pytest.mark.parametrize("hidden, bias, blocks, target", CASES)
+def test_right_inverse_realises_v(rng, hidden, bias, blocks, target):
+    loss, hess = target
+    for batch in _batches(exactgn.RevMLP(D, K, blocks, hidden, bias=bias)):
+        model, x, y = draw(rng, batch, hidden=hidden, bias=bias, num_blocks=blocks, kink=bias and batch > 1)
+        res = exactgn.compute_direction(model, x, y, loss=loss, hessian=hess, inverse="right")
+        assert res.exact
+        jd = jacobian(model, x) @ flat(res.direction, model)
+        assert relative(jd, res.v.reshape(-1)) <= 1e-10, batch
+
+
+def test_right_inverse_error_follows_the_conditioning(rng):
+    """Without a conditioning precondition: on any full-rank draw the error stays below eps·max_j cond(A_j)²."""
+    eps = torch.finfo(F64).eps
+    checked = 0
+    while checked < 20:
+        model = random_model(rng, in_features=D, num_classes=K, num_blocks=2, hidden=8)
+        x = torch.randn(9, D, generator=rng, dtype=F64)
+        cond = max(_cond(a) for a in _activations(model, x))
+        if cond > 1e6:  # numerically singular: the fall-back path, tested separately
+            continue
+        res = exactgn.compute_direction(model, x, torch.randint(0, K, (9,), generator=rng), inverse="right")
+        err = relative(jacobian(model, x) @ flat(res.direction, model), res.v.reshape(-1))
+        assert err <= eps * cond**2, (err, cond)
+        checked += 1
+
+
+@pytest.mark.parametrize("hidden, bias, blocks, target", CASES)
+def test_pinv_is_the_moore_penrose_step(rng, hidden, bias, blocks, target):
+    loss, hess = target
+    for batch in _batches(exactgn.RevMLP(D, K, blocks, hidden, bias=bias)):
+        model, x, y = draw(rng, batch, hidden=hidden, bias=bias, num_blocks=blocks, kink=bias and batch > 1)
+        res = exactgn.compute_direction(model, x, y, loss=loss, hessian=hess, inverse="pinv")
+        ref = torch.linalg.pinv(jacobian(model, x)) @ res.v.reshape(-1)
+        assert relative(flat(res.direction, model), ref) <= 1e-8, batch
+
+
+@pytest.mark.parametrize("hidden, bias, blocks", [c[:3] for c in CASES[:: len(TARGETS)]])
+def test_ntk_gram_and_jvp_match_the_jacobian(rng, hidden, bias, blocks):
+    model, x, _ = draw(rng, 7, hidden=hidden, bias=bias, num_blocks=blocks, kink=bias)
+    jac = jacobian(model, x)
+    ntk = exactgn.ntk_gram(model, x)
+    assert ntk.shape == (7 * K, 7 * K)
+    assert relative(ntk, jac @ jac.T) <= 1e-12
+    assert torch.equal(ntk, ntk.T)
+    delta = {name: torch.randn(p.shape, generator=rng, dtype=F64) for name, p in model.named_parameters()}
+    assert relative(exactgn.jvp_logits(model, x, delta).reshape(-1), jac @ flat(delta, model)) <= 1e-12
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3])
+def test_the_two_inverses_differ_and_pinv_is_shorter(rng, blocks):
+    model, x, y = draw(rng, 6, hidden=8, bias=True, num_blocks=blocks)
+    right = flat(exactgn.gn_direction(model, x, y, inverse="right"), model)
+    pinv = flat(exactgn.gn_direction(model, x, y, inverse="pinv"), model)
+    assert pinv.norm() <= right.norm() * (1 + 1e-12)
+    assert torch.dot(right, pinv) / (right.norm() * pinv.norm()) < 0.999
+
+
+@pytest.mark.parametrize("inverse", ["right", "pinv"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_direction_is_a_descent_direction_with_the_predicted_slope(rng, inverse, target):
+    """⟨∇θℓ, Δθ⟩ = gᵀ J Δθ = gᵀ v, which is positive."""
+    loss, hess = target
+    model, x, y = draw(rng, 5, hidden=8, bias=True, num_blocks=2)
+    res = exactgn.compute_direction(model, x, y, loss=loss, hessian=hess, inverse=inverse)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    gradient = grad(lambda ps: loss_value(functional_call(model, ps, (x,)), res.targets, loss))(params)
+    slope = torch.dot(flat(gradient, model), flat(res.direction, model))
+    g = torch.autograd.functional.jacobian(lambda o: loss_value(o, res.targets, loss), res.logits)
+    expected = (g * res.v).sum()
+    assert expected > 0
+    assert slope.item() == pytest.approx(expected.item(), rel=1e-10)
+
+
+def test_direction_has_the_parameters_names_shapes_and_dtype(rng):
+    model, x, y = draw(rng, 4, hidden=8, bias=True, num_blocks=2)
+    for inverse in ("right", "pinv"):
+        direction = exactgn.gn_direction(model, x, y.tolist() and y, inverse=inverse)
+        assert list(direction) == param_names(model)
+        for name, p in model.named_parameters():
+            assert direction[name].shape == p.shape and direction[name].dtype == p.dtype
+
+
+def test_one_hot_and_index_targets_agree(rng):
+    model, x, y = draw(rng, 5, hidden=8, bias=True, num_blocks=2)
+    rows = torch.nn.functional.one_hot(y, K).to(F64)
+    for inverse in ("right", "pinv"):
+        a = flat(exactgn.gn_direction(model, x, y, inverse=inverse), model)
+        b = flat(exactgn.gn_direction(model, x, rows, inverse=inverse), model)
+        assert torch.equal(a, b)
+
+
+def _svd_pinv(a, cut):
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    keep = s > cut
+    return vh[keep].T @ torch.diag(1 / s[keep]) @ u[:, keep].T
+
+
+def _damped_pinv(a, lam):
+    return a.T @ torch.linalg.inv(a @ a.T + lam * torch.eye(len(a), dtype=a.dtype))
+
+
+@pytest.mark.parametrize("reg", [dict(rtol=0.4), dict(atol="median"), dict(damping=0.5), dict(rtol=0.4, damping=0.5)])
+def test_regularised_pinv_step_matches_explicit_svd(rng, reg):
+    model, x, y = draw(rng, 6, hidden=8, bias=True, num_blocks=2)
+    jac = jacobian(model, x)
+    u, s, vh = torch.linalg.svd(jac, full_matrices=False)
+    if reg.get("atol") == "median":  # an absolute cut that falls between singular values
+        reg["atol"] = ((s[8] + s[9]) / 2).item()
+    res = exactgn.compute_direction(model, x, y, inverse="pinv", **reg)
+    cut = max(reg.get("rtol", 0) * s[0].item(), reg.get("atol", 0))
+    keep = s > cut
+    inv = s[keep] / (s[keep] ** 2 + reg.get("damping", 0))
+    ref = vh[keep].T @ (inv * (u[:, keep].T @ res.v.reshape(-1)))
+    assert 0 < keep.sum() < len(s) or reg.keys() == {"damping"}  # the truncation really truncates
+    assert relative(flat(res.direction, model), ref) <= 1e-8
+
+
+@pytest.mark.parametrize("reg", [dict(rtol=0.05), dict(atol=0.3), dict(damping=0.5), dict(), dict(lstsq=True)])
+def test_single_block_right_step_matches_explicit_pseudo_inverses(rng, reg):
+    """For L = 1, J♭v is (A_F⁺ δa')ᵀ and (A_G⁺ (δb' − (∂G/∂a')δa'))ᵀ, built here from explicit SVDs."""
+    lstsq = reg.pop("lstsq", False)
+    batch = 11 if lstsq else 6  # 11 > h + 1 = 9: least squares in both half-layers
+    model, x, y = (draw(rng, batch, hidden=8, bias=True, num_blocks=1) if not lstsq
+                   else (random_model(rng, in_features=D, num_classes=K, num_blocks=1, hidden=8),
+                         torch.randn(batch, D, generator=rng, dtype=F64), torch.randint(0, K, (batch,), generator=rng)))
+    res = exactgn.compute_direction(model, x, y, inverse="right", least_squares=lstsq, **reg)
+    a_f, a_g = _activations(model, x)
+
+    def pinv(a):
+        if "damping" in reg:
+            return _damped_pinv(a, reg["damping"])
+        s0 = torch.linalg.svdvals(a)[0].item()
+        cut = max(reg.get("rtol", 0) * s0, reg.get("atol", 0), 0 if not lstsq else 1e-10 * s0)
+        return _svd_pinv(a, cut)
+
+    n = D // 2
+    dz = res.v @ model.readout.T
+    da, db = dz[:, :n], dz[:, n:]
+    g = model.blocks[0].g
+    m = da @ g.proj @ g.weight.T  # identity activation in the first block
+    expect_f = (pinv(a_f) @ da).T
+    expect_g = (pinv(a_g) @ (db - m)).T
+    got_f = torch.cat([res.direction["blocks.0.f.weight"], res.direction["blocks.0.f.bias"][:, None]], 1)
+    got_g = torch.cat([res.direction["blocks.0.g.weight"], res.direction["blocks.0.g.bias"][:, None]], 1)
+    assert relative(got_f, expect_f) <= 1e-8
+    assert relative(got_g, expect_g) <= 1e-8
+
+
+def test_right_inverse_refuses_a_batch_above_the_rank_bound(rng):
+    model = random_model(rng, in_features=D, num_classes=K, num_blocks=2, hidden=8)
+    x = torch.randn(10, D, generator=rng, dtype=F64)
+    y = torch.randint(0, K, (10,), generator=rng)
+    with pytest.raises(InexactStepError, match=r"batch <= 9 here; got batch 10.*least_squares=True"):
+        exactgn.gn_direction(model, x, y, inverse="right")
+    wide = random_model(rng, in_features=D, num_classes=K, num_blocks=2, hidden=40)  # identity block binds: 12 + 1
+    x = torch.randn(14, D, generator=rng, dtype=F64)
+    with pytest.raises(InexactStepError, match=r"batch <= 13.*blocks.0.f.*identity activation"):
+        exactgn.gn_direction(wide, x, torch.zeros(14, dtype=torch.long), inverse="right")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GramFallbackWarning)
+        direction = exactgn.gn_direction(wide, x, torch.zeros(14, dtype=torch.long), inverse="right", least_squares=True)
+    assert all(torch.isfinite(t).all() for t in direction.values())
+
+
+def test_pinv_refuses_more_rows_than_parameters(rng):
+    model = random_model(rng, in_features=4, num_classes=4, num_blocks=1, hidden=1, bias=False)  # P = 4
+    x = torch.randn(2, 4, generator=rng, dtype=F64)
+    with pytest.raises(InexactStepError, match="8 rows.*only 4 trainable parameters"):
+        exactgn.gn_direction(model, x, torch.zeros(2, dtype=torch.long), inverse="pinv")
+
+
+def test_a_dead_relu_column_is_reported_not_hidden(rng):
+    model, x, y = draw(rng, 9, hidden=8, bias=True, num_blocks=2)
+    with torch.no_grad():
+        model.blocks[1].f.proj[:, 0] = 0  # feature 0 of blocks.1.f is zero for every sample: rank 8 < 9
+    with pytest.warns(GramFallbackWarning, match="blocks.1.f activation Gram"):
+        res = exactgn.compute_direction(model, x, y, inverse="right")
+    assert not res.exact and [s.method for s in res.solves][2] == "eigh-fallback"
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(inverse="left"), ValueError, "inverse must be one of"),
+        (dict(loss="hinge"), ValueError, "loss must be one of"),
+        (dict(hessian="fisher"), ValueError, "hessian must be one of"),
+        (dict(rtol=-1.0), ValueError, "rtol"),
+    ],
+)
+def test_bad_options(rng, kwargs, error, message):
+    model, x, y = draw(rng, 3, hidden=8, bias=True, num_blocks=1)
+    with pytest.raises(error, match=message):
+        exactgn.gn_direction(model, x, y, **kwargs)
+
+
+def test_bad_batches(rng):
+    model, x, y = draw(rng, 3, hidden=8, bias=True, num_blocks=1)
+    with pytest.raises(ValueError, match="lie in \\[0, 2\\]"):
+        exactgn.gn_direction(model, x, torch.tensor([0, 1, 3]))
+    with pytest.raises(ValueError, match="20 features per sample"):
+        exactgn.gn_direction(model, x[:, :20], y)
+    with pytest.raises(TypeError, match="RevMLP"):
+        exactgn.gn_direction(torch.nn.Linear(3, 3), x, y)
+    rows = torch.nn.functional.one_hot(y, K).to(F64)
+    rows[1, 1] = float("inf")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        exactgn.gn_direction(model, x, rows, loss="mse")

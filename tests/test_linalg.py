@@ -1,0 +1,84 @@
+"""Regularised Gram solves against explicit SVD pseudo-inverses in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exactgn.linalg import GramFallbackWarning, Regularisation, gram_solve
+
+F64 = torch.float64
+
+
+def _wide(rng, rows=9, cols=20, rank=None):
+    a = torch.randn(rows, cols, generator=rng, dtype=F64)
+    if rank is not None:
+        a = torch.randn(rows, rank, generator=rng, dtype=F64) @ torch.randn(rank, cols, generator=rng, dtype=F64)
+    return a
+
+
+def _svd_pinv(a, cut=0.0, damping=0.0):
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    keep = s > cut
+    inv = torch.where(keep, s / (s**2 + damping), torch.zeros_like(s))
+    return vh.T @ torch.diag(inv) @ u.T
+
+
+def test_exact_solve_gives_the_pseudo_inverse(rng):
+    a = _wide(rng)
+    r = torch.randn(9, 4, generator=rng, dtype=F64)
+    s, info = gram_solve(a @ a.T, r)
+    assert info.method == "cholesky" and info.rank == 9
+    ref = torch.linalg.pinv(a) @ r
+    assert (a.T @ s - ref).norm() / ref.norm() <= 1e-12
+
+
+def test_truncation_drops_small_singular_values(rng):
+    u, _ = torch.linalg.qr(torch.randn(9, 9, generator=rng, dtype=F64))
+    v, _ = torch.linalg.qr(torch.randn(20, 9, generator=rng, dtype=F64))
+    sigma = torch.logspace(0, -6, 9, dtype=F64)
+    a = u @ torch.diag(sigma) @ v.T
+    r = torch.randn(9, 3, generator=rng, dtype=F64)
+    for rtol, atol in [(1e-2, 0.0), (0.0, 2e-2), (1e-2, 1e-1)]:  # kept part: cond(A) ≤ 100
+        s, info = gram_solve(a @ a.T, r, Regularisation(rtol=rtol, atol=atol))
+        cut = max(rtol * sigma[0].item(), atol)
+        ref = _svd_pinv(a, cut) @ r
+        assert info.method == "eigh" and info.rank == int((sigma > cut).sum())
+        assert (a.T @ s - ref).norm() / ref.norm() <= 1e-10
+
+
+@pytest.mark.parametrize("rtol", [0.0, 1e-3])
+def test_damping(rng, rtol):
+    a = _wide(rng)
+    r = torch.randn(9, 2, generator=rng, dtype=F64)
+    s, _ = gram_solve(a @ a.T, r, Regularisation(rtol=rtol, damping=0.7))
+    cut = rtol * torch.linalg.svdvals(a)[0].item()
+    ref = _svd_pinv(a, cut, damping=0.7) @ r
+    assert (a.T @ s - ref).norm() / ref.norm() <= 1e-12
+    if rtol == 0:  # damped: Aᵀ(AAᵀ + λI)⁻¹R
+        assert torch.allclose(s, torch.linalg.solve(a @ a.T + 0.7 * torch.eye(9, dtype=F64), r))
+
+
+def test_singular_gram_falls_back_with_a_warning(rng):
+    a = _wide(rng, rank=5)
+    r = torch.randn(9, 2, generator=rng, dtype=F64)
+    with pytest.warns(GramFallbackWarning, match="not numerically positive definite"):
+        s, info = gram_solve(a @ a.T, r, what="test Gram")
+    assert info.method == "eigh-fallback" and info.rank == 5
+    ref = torch.linalg.pinv(a) @ r  # the least-squares, minimum-norm answer
+    assert (a.T @ s - ref).norm() / ref.norm() <= 1e-8
+
+
+def test_float64_solve_of_a_float32_gram(rng):
+    a = _wide(rng)
+    r = torch.randn(9, 2, generator=rng, dtype=F64)
+    s, _ = gram_solve((a @ a.T).float(), r.float(), solve_dtype=F64)
+    assert s.dtype == torch.float32
+    ref = torch.linalg.solve(a @ a.T, r)
+    assert (s.double() - ref).norm() / ref.norm() <= 1e-4
+
+
+@pytest.mark.parametrize("bad", [dict(rtol=-1.0), dict(atol=float("nan")), dict(damping=float("inf"))])
+def test_bad_regularisation(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        Regularisation(**bad)
