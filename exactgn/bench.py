@@ -20,6 +20,7 @@ import torch
 
 from .model import RevMLP
 from .optim import GaussNewton
+from .precision import matmul_precision
 
 __all__ = ["BenchConfig", "run_bench", "step_flops", "format_table", "add_parser"]
 
@@ -128,7 +129,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, object]:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
     dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
-    tf32_ctx = _tf32(cfg.tf32) if device.type == "cuda" else nullcontext()
+    tf32_ctx = matmul_precision(cfg.tf32) if device.type == "cuda" else nullcontext()
     gen = torch.Generator().manual_seed(cfg.seed)
     x = torch.randn(cfg.batch, cfg.features, generator=gen).to(device, dtype)
     y = torch.randint(0, cfg.classes, (cfg.batch,), generator=gen).to(device)
@@ -186,21 +187,6 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, object]:
         peak_memory_bytes=peaks,
     )
     return results
-
-
-class _tf32:
-    """Context manager: TF32 matrix products on (or explicitly off) for CUDA."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-
-    def __enter__(self) -> None:
-        self.saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        torch.backends.cuda.matmul.allow_tf32 = self.enabled
-        torch.backends.cudnn.allow_tf32 = self.enabled
-
-    def __exit__(self, *exc: object) -> None:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
 
 
 def format_table(results: dict[str, object]) -> str:

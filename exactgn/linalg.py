@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .precision import unit_roundoff
+
 __all__ = ["Regularisation", "SolveInfo", "GramFallbackWarning", "gram_solve"]
 
 
@@ -79,7 +81,8 @@ def gram_solve(
     zero. ``warn``: warn when the unregularised solve falls back to least squares; ``what`` names the matrix.
 
     A Cholesky factorisation can succeed on a numerically singular Gram and return a meaningless ``S``, so the
-    unregularised solve is accepted only when its residual ``‖K S − R‖`` is below ``√eps·‖R‖``.
+    unregularised solve is accepted only when its residual ``‖K S − R‖`` is below ``√(2u)·‖R‖``, with ``u``
+    the unit roundoff of the products (:func:`exactgn.precision.unit_roundoff`: TF32 counts when it is on).
     """
     n = gram.shape[0]
     out_dtype = rhs.dtype
@@ -94,7 +97,7 @@ def gram_solve(
         if int(status) == 0:
             sol = torch.cholesky_solve(rhs, factor)
             residual = float((_symmetric_matmul(system, sol, lower_only) - rhs).norm() / rhs.norm().clamp_min(1e-300))
-            if residual <= torch.finfo(system.dtype).eps ** 0.5:
+            if residual <= (2 * unit_roundoff(system.dtype)) ** 0.5:
                 return sol.to(out_dtype), SolveInfo("cholesky", n, n)
             reason = f"its Cholesky solve leaves a relative residual of {residual:.1e}"
         else:
