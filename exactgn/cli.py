@@ -8,7 +8,7 @@ import os
 import sys
 
 # Sub-command modules; each defines ``add_parser(subparsers)`` that sets ``func`` on its parser.
-COMMAND_MODULES = ("exactgn.bench", "exactgn.diagnostics", "exactgn.train")
+COMMAND_MODULES = ("exactgn.bench", "exactgn.diagnostics", "exactgn.train", "exactgn.report")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -52,14 +52,20 @@ __all__ = [
     "probe_vector",
     "linear_cka",
     "block_outputs",
+    "block_increments",
     "representation_cka",
     "weight_rel_change",
     "weight_cosine",
     "weight_metrics",
     "loss_change_summary",
     "read_steps_csv",
+    "probe_inputs",
     "DiagnosticsRecorder",
+    "TrainingDiagnostics",
+    "make_callback",
     "load_checkpoint_model",
+    "load_run_model",
+    "runs_cka",
     "epoch_checkpoints",
     "diagnose_run",
     "read_diagnostics",
@@ -79,6 +85,8 @@ METRIC_DOC: dict[str, str] = {
     "ntk_probe_cosine": "ESTIMATE (the reference's): cosine between Θ0·w and Θt·w for a fixed random w ~ N(0, I)",
     "cka/block{block}": "linear CKA (biased, centred HSIC) of block {block}'s output now vs. at initialisation",
     "cka_unbiased/block{block}": "the same with the unbiased (debiased HSIC) estimator",
+    "cka_delta/block{block}": "linear CKA (biased) of what block {block} adds to the state (z_l − z_{l−1}) now vs. at "
+    "initialisation: the residual branch alone, without the identity skip that keeps block-output CKA near 1",
     "weight_rel_change/{layer}": "‖W_t − W_0‖_F / ‖W_0‖_F of the half-layer's weight (bias excluded)",
     "weight_cosine/{layer}": "⟨W_t, W_0⟩_F / (‖W_t‖‖W_0‖) of the half-layer's weight (bias excluded)",
     "weight_rel_change/all": "the same relative change over all half-layer weights together",
@@ -222,6 +230,17 @@ def block_outputs(model: RevMLP, x: Tensor) -> list[Tensor]:
         a, b = block(a, b)
         outs.append(torch.cat([a, b], dim=1))
     return outs
+
+
+def block_increments(model: RevMLP, x: Tensor) -> list[Tensor]:
+    """What each coupling block adds to the state, ``z_l − z_{l−1}`` (``B × d``, ``z_{−1}`` = the input).
+
+    The block outputs of a RevMLP carry the input through the identity skip, so their CKA against
+    initialisation stays near 1 whenever the residual branches are small; the increments show the branches alone.
+    """
+    z = model.flatten_inputs(x)
+    outs = block_outputs(model, z)
+    return [out - prev for prev, out in zip([z] + outs[:-1], outs)]
 
 
 def representation_cka(model_a: RevMLP, model_b: RevMLP, inputs: Tensor, *, unbiased: bool = False) -> dict[str, float]:
@@ -395,6 +414,7 @@ class DiagnosticsRecorder:
         self._k0 = ntk_gram(init, self.probe_inputs) if ntk else None
         self._w = probe_vector(self._k0.shape[0], probe_seed).to(self._k0.device) if ntk else None
         self._outs0 = block_outputs(init, self.probe_inputs) if cka else None
+        self._deltas0 = block_increments(init, self.probe_inputs) if cka else None
         self._weights0 = {f"{k}.weight": v.clone() for k, v in _half_layer_weights(init).items()} if weights else None
         self._prev: tuple[int, Tensor] | None = (init_epoch, self._k0) if ntk else None
         self.init_epoch = init_epoch
@@ -416,6 +436,10 @@ class DiagnosticsRecorder:
             self._scratch = RevMLP(**model.config(), dtype=self.dtype).to(device)
         self._scratch.load_state_dict(model.state_dict())
         return self._scratch
+
+    def forget_previous(self) -> None:
+        """Drop the previous record's kernel, so that the next record has no ``ntk_rate`` (e.g. after a resume)."""
+        self._prev = None
 
     def should_record(self, epoch: int) -> bool:
         """Whether :meth:`on_epoch_end` records at ``epoch`` (a multiple of ``every``)."""
@@ -460,10 +484,67 @@ class DiagnosticsRecorder:
                 out[f"cka/block{l}"] = linear_cka(x0.to(xt.device), xt)
             for l, (x0, xt) in enumerate(zip(self._outs0, outs)):
                 out[f"cka_unbiased/block{l}"] = linear_cka(x0.to(xt.device), xt, unbiased=True)
+            deltas = [o - p for p, o in zip([probe.to(outs[0].dtype)] + outs[:-1], outs)]
+            for l, (x0, xt) in enumerate(zip(self._deltas0, deltas)):
+                out[f"cka_delta/block{l}"] = linear_cka(x0.to(xt.device), xt)
         if self.weights:
             out.update(weight_metrics(work, self._weights0))
         out["diagnostics_time_s"] = time.perf_counter() - start
         return out
+
+
+class TrainingDiagnostics:
+    """The ``[diagnostics]`` callback of ``exactgn train`` (made by :func:`make_callback`).
+
+    Wraps a :class:`DiagnosticsRecorder` created at the first call: at epoch 0 from the model as it is (the
+    initialisation); on a resumed run from the initial model rebuilt from the configuration (initialisation is
+    deterministic in ``seed``). The first record after a resume has no ``ntk_rate`` (the previous kernel is not
+    kept across processes).
+    """
+
+    def __init__(self, probe_inputs: Tensor, *, every: int = 1, init_model: Callable[[], RevMLP] | None = None,
+                 **recorder_kwargs: Any) -> None:
+        self.probe_inputs = probe_inputs
+        self.every = every
+        self.init_model = init_model
+        self.recorder_kwargs = recorder_kwargs
+        self.recorder: DiagnosticsRecorder | None = None
+
+    def on_epoch_end(self, epoch: int, model: RevMLP, optimizer: object = None) -> dict[str, float]:
+        if epoch % self.every != 0:
+            return {}
+        start = time.perf_counter()
+        if self.recorder is None:
+            if epoch == 0 or self.init_model is None:
+                if epoch != 0:
+                    raise RuntimeError("diagnostics started after epoch 0 without a way to rebuild the initial model")
+                init = model
+            else:
+                init = self.init_model().to(model.readout.device)
+            self.recorder = DiagnosticsRecorder(init, self.probe_inputs, every=self.every, **self.recorder_kwargs)
+            if epoch != 0:
+                self.recorder.forget_previous()  # resumed: no previous record in this process
+        record = self.recorder.on_epoch_end(epoch, model, optimizer)
+        record["diagnostics_time_s"] = time.perf_counter() - start
+        return record
+
+
+def make_callback(cfg: Any, data: Any) -> TrainingDiagnostics:
+    """The training callback for ``[diagnostics] enabled = true`` (called by :func:`exactgn.train.train`).
+
+    ``cfg``: the :class:`~exactgn.config.RunConfig`; ``data``: the loaded :class:`~exactgn.data.DataSplit`. The probe
+    batch is the first ``diagnostics.probe_size`` training images (all of them if fewer), the same images that
+    :func:`probe_inputs` gives ``exactgn diagnose``; records every ``diagnostics.every`` epochs.
+    """
+    size = min(int(cfg.diagnostics.probe_size), len(data.train))
+    probe = data.train.images[:size].reshape(size, -1)
+
+    def init_model() -> RevMLP:
+        from .train import build_model  # noqa: PLC0415 - train imports this module lazily too
+
+        return build_model(cfg, data.features, data.num_classes)
+
+    return TrainingDiagnostics(probe, every=int(cfg.diagnostics.every), init_model=init_model)
 
 
 # ---------------------------------------------------------------------------- checkpoints and runs
@@ -511,29 +592,77 @@ def _read_config(run: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"run folder {run} has no config.toml (see docs/run-folder.md)")
     with open(path, "rb") as fh:
-        return tomllib.load(fh)
+        try:
+            return tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path}: invalid TOML ({exc})") from exc
 
 
-ProbeLoader = Callable[[Path, int], Tensor]
+def probe_inputs(config: Any, size: int, *, root: str | os.PathLike | None = None) -> Tensor:
+    """The fixed probe batch of a run: the first ``size`` images of its training set, flattened (``size × d``).
 
-
-def default_probe_loader(run: Path, size: int) -> Tensor:
-    """The probe batch of a run: the first ``size`` training images of the run's dataset, normalised as in training.
-
-    Uses :func:`exactgn.data.probe_inputs` on the run's ``config.toml`` (the training loop uses the same
-    function, so recording during training and ``exactgn diagnose`` see the same probe).
+    ``config``: a :class:`exactgn.config.RunConfig` or its nested dict (a run's ``config.toml``). The training set is
+    chosen exactly as training chooses it (``data.train_size``, ``data.subset``, ``data.subset_seed``), without
+    augmentation, and normalised with the reference statistics in the model's dtype (``model.dtype``), so the
+    values are bit-identical to training's; if the training set has fewer than ``size`` images, all of them. The data root is ``root``, else ``data.root``,
+    else ``$EXACTGN_DATA``. The training loop and ``exactgn diagnose`` both use this function, so they see the
+    same probe.
     """
-    try:
-        from . import data  # noqa: PLC0415 - optional until the data module lands
-    except ImportError as exc:  # pragma: no cover - depends on the rest of the package
-        raise RuntimeError(
-            "exactgn.data is not available, so the probe batch cannot be loaded from the run's dataset; "
-            "pass probe_inputs explicitly"
-        ) from exc
-    config = _read_config(run)
-    if not hasattr(data, "probe_inputs"):  # pragma: no cover
-        raise RuntimeError("exactgn.data has no probe_inputs(config, size); pass probe_inputs explicitly")
-    return data.probe_inputs(config, size)
+    from . import data as datamod  # noqa: PLC0415 - keeps this module importable on its own
+
+    section = config.get("data", {}) if isinstance(config, Mapping) else getattr(config, "data", None)
+    get = section.get if isinstance(section, Mapping) else (lambda key, default: getattr(section, key, default))
+    name = get("dataset", "mnist-small")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"probe size must be a positive integer, got {size!r}")
+    raw = datamod.load_raw(name, root if root is not None else (get("root", "") or None))
+    idx = datamod.select_subset(raw.train.labels, get("train_size", 0), get("subset", "first"), get("subset_seed", 0))
+    size = min(size, len(idx))  # a training set smaller than the probe: all of it (as in training)
+    model = config.get("model", {}) if isinstance(config, Mapping) else getattr(config, "model", None)
+    dtype_name = model.get("dtype", "float32") if isinstance(model, Mapping) else getattr(model, "dtype", "float32")
+    dtype = {"float32": torch.float32, "float64": torch.float64}.get(dtype_name, torch.float32)
+    images = datamod.normalise(raw.train.images[idx[:size]], name, dtype)  # as training normalises, same dtype
+    return images.reshape(size, -1)
+
+
+_probe_inputs = probe_inputs  # diagnose_run's argument of the same name shadows it
+
+
+def load_run_model(run_dir: str | os.PathLike, epoch: int | None = None) -> tuple[RevMLP, int]:
+    """``(model, epoch)`` of a run: ``checkpoints/epoch_NNNN.pt`` for ``epoch``, or the final model
+    (``checkpoints/last.pt``) when ``epoch`` is ``None``."""
+    run = Path(run_dir)
+    path = run / "checkpoints" / ("last.pt" if epoch is None else f"epoch_{epoch:04d}.pt")
+    if not path.is_file():
+        hint = "" if epoch is None else "; epoch checkpoints are kept when the run has train.keep_checkpoints = true"
+        raise FileNotFoundError(f"run folder {run} has no {path.relative_to(run)}{hint}")
+    return load_checkpoint_model(path)
+
+
+def runs_cka(
+    run_a: str | os.PathLike,
+    run_b: str | os.PathLike,
+    *,
+    epoch: int | None = None,
+    probe_inputs: Tensor | None = None,
+    probe_size: int = 128,
+    unbiased: bool = False,
+    data_root: str | os.PathLike | None = None,
+) -> dict[str, float]:
+    """Linear CKA of every block's output between two runs (e.g. optimiser against optimiser), ``{"block0": ...}``.
+
+    Compares the models at ``epoch`` (default: each run's final model, ``checkpoints/last.pt``) on ``probe_inputs``
+    or the first ``probe_size`` training images of ``run_a``'s dataset. Both runs must use the same dataset.
+    """
+    ca, cb = _read_config(Path(run_a)), _read_config(Path(run_b))
+    da, db = ca.get("data", {}).get("dataset"), cb.get("data", {}).get("dataset")
+    if da != db:
+        raise ValueError(f"runs {run_a} and {run_b} use different datasets ({da} and {db}); CKA needs the same inputs")
+    if probe_inputs is None:
+        probe_inputs = _probe_inputs(ca, probe_size, root=data_root)
+    model_a, _ = load_run_model(run_a, epoch)
+    model_b, _ = load_run_model(run_b, epoch)
+    return representation_cka(model_a.double(), model_b.double(), probe_inputs.double(), unbiased=unbiased)
 
 
 def diagnose_run(
@@ -542,7 +671,7 @@ def diagnose_run(
     probe_size: int = 128,
     every: int = 1,
     probe_inputs: Tensor | None = None,
-    probe_loader: ProbeLoader | None = None,
+    data_root: str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = False,
@@ -551,8 +680,9 @@ def diagnose_run(
     """Recompute the diagnostics of a run from its epoch checkpoints; returns the records (one per epoch).
 
     Uses ``checkpoints/epoch_0000.pt`` as the initial model and every checkpoint whose epoch is a multiple of
-    ``every``. The probe batch is ``probe_inputs`` or, by default, the first ``probe_size`` training samples of the
-    run's dataset. Writes the records as JSON lines to ``out`` (default ``RUN_DIR/diagnostics.jsonl``; an existing
+    ``every``. The probe batch is ``probe_inputs`` (capped at ``probe_size`` rows) or, by default, the first
+    ``probe_size`` training images of the run's dataset (:func:`probe_inputs`, data root ``data_root``, else the
+    run's ``data.root``, else ``$EXACTGN_DATA``). Writes the records as JSON lines to ``out`` (default ``RUN_DIR/diagnostics.jsonl``; an existing
     file is replaced only with ``overwrite=True``); ``out=False`` writes nothing.
     """
     run = Path(run_dir)
@@ -565,7 +695,7 @@ def diagnose_run(
     if target is not None and target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists; pass --overwrite (overwrite=True) to replace it, or --out FILE")
     if probe_inputs is None:
-        probe_inputs = (probe_loader or default_probe_loader)(run, probe_size)
+        probe_inputs = _probe_inputs(_read_config(run), probe_size, root=data_root)
     probe_inputs = probe_inputs[:probe_size]
     recorder = DiagnosticsRecorder.from_checkpoint(ckpts[0], probe_inputs, every=every, **recorder_kwargs)
     records = []
@@ -635,6 +765,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--every", type=int, default=1, help="use checkpoints whose epoch is a multiple of K (default 1)")
     p.add_argument("--probe", metavar="FILE.pt",
                    help="use this probe batch instead (a tensor B × d saved with torch.save); --probe-size still caps B")
+    p.add_argument("--data-root", metavar="DIR", help="data root for the probe images (default: the run's data.root, "
+                   "else $EXACTGN_DATA)")
     p.add_argument("--out", metavar="FILE", help="write here instead of RUN_DIR/diagnostics.jsonl")
     p.add_argument("--overwrite", action="store_true", help="replace an existing diagnostics file")
     p.add_argument("--dtype", choices=("float64", "model"), default="float64",
@@ -654,7 +786,7 @@ def _main(args: argparse.Namespace) -> int:
             raise ValueError(f"probe file {args.probe} must hold one tensor (B × d), got {type(probe).__name__}")
     records = diagnose_run(
         args.run_dir, probe_size=args.probe_size, every=args.every, out=args.out, overwrite=args.overwrite,
-        probe_inputs=probe, progress=True, dtype=torch.float64 if args.dtype == "float64" else None, ntk=not args.no_ntk,
+        probe_inputs=probe, data_root=args.data_root, progress=True, dtype=torch.float64 if args.dtype == "float64" else None, ntk=not args.no_ntk,
     )
     target = args.out or str(Path(args.run_dir) / DIAGNOSTICS_FILE)
     last = records[-1]

@@ -55,3 +55,48 @@ def jacobian(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).detach().norm() / b.detach().norm())
+
+
+# ---------------------------------------------------------------------------- tiny genuine runs (diagnostics, report)
+TINY_RUN_TOML = """
+name = "tiny"
+[data]
+dataset = "mnist-small"
+train_size = 64
+test_size = 64
+[model]
+blocks = 2
+hidden = 96
+init_std = 0.01
+dtype = "float64"
+[train]
+epochs = 2
+keep_checkpoints = true
+checkpoint_every = 1
+[diagnostics]
+enabled = true
+probe_size = 8
+"""
+
+# (folder, optimiser, seed, batch size (0 = full batch), learning rate)
+TINY_RUNS = (
+    ("gn-full-s0", "gn", 0, 0, 0.5),
+    ("gn-full-s1", "gn", 1, 0, 0.5),
+    ("adam-full-s0", "adam", 0, 0, 1e-3),
+    ("adam-mini-s0", "adam", 0, 16, 1e-3),
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sweep folder of four genuine ``exactgn train`` runs on the bundled MNIST (64 images, 2 epochs, diagnostics
+    on, epoch checkpoints kept): GN full-batch with seeds 0 and 1, Adam full-batch and Adam mini-batch (B=16)."""
+    from exactgn.config import loads_config
+    from exactgn.train import train
+
+    sweep = tmp_path_factory.mktemp("sweep")
+    base = loads_config(TINY_RUN_TOML)
+    for folder, opt, seed, batch, lr in TINY_RUNS:
+        overrides = [f"name='{folder}'", f"optim.name='{opt}'", f"seed={seed}", f"train.batch_size={batch}", f"optim.lr={lr}"]
+        train(base, sweep / folder, overrides=overrides, progress=False)
+    return sweep

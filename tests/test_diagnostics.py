@@ -158,6 +158,9 @@ def test_block_outputs_are_the_states(rng):
     outs = dg.block_outputs(model, x)
     assert len(outs) == 3 and all(o.shape == (9, 12) for o in outs)
     torch.testing.assert_close(outs[-1], model.state(x), rtol=0, atol=0)
+    incs = dg.block_increments(model, x)
+    torch.testing.assert_close(x + sum(incs), outs[-1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(incs[1], outs[1] - outs[0], rtol=0, atol=0)
     # The first block's output by hand: a' = a + F(b), b' = b + G(a').
     a, b = x[:, :6], x[:, 6:]
     blk = model.blocks[0]
@@ -281,6 +284,8 @@ def test_recorder_matches_ntk_gram_and_brute_force(rng):
     for l in range(2):
         assert r1[f"cka/block{l}"] == pytest.approx(dg.linear_cka(outs0[l], outs1[l]), rel=1e-12)
         assert r1[f"cka_unbiased/block{l}"] == pytest.approx(dg.linear_cka(outs0[l], outs1[l], unbiased=True), rel=1e-12)
+        prev0, prev1 = (probe, probe) if l == 0 else (outs0[l - 1], outs1[l - 1])
+        assert r1[f"cka_delta/block{l}"] == pytest.approx(dg.linear_cka(outs0[l] - prev0, outs1[l] - prev1), rel=1e-10)
     assert {k: v for k, v in r1.items() if k.startswith("weight_")} == pytest.approx(dg.weight_metrics(m1, m0), rel=1e-12)
     assert r1["diagnostics_time_s"] > 0 and r1["epoch"] == 1 and r1["probe_size"] == 6
     assert all(isinstance(v, (int, float)) for v in r1.values())
