@@ -122,3 +122,25 @@ def test_report_errors(tiny_runs, tmp_path, capsys):
     assert "meta.json" in err and "invalid JSON" in err
     assert cli_main(["report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
     assert "nowhere does not exist" in capsys.readouterr().err
+
+
+def test_training_diagnostics_survive_a_resume(tmp_path):
+    """A resumed run rebuilds the initial model from its config: its records equal an uninterrupted run's (the
+    first record after the resume has no ntk_rate, whose previous kernel was in the stopped process)."""
+    from exactgn.config import loads_config
+    from exactgn.train import train
+
+    from conftest import TINY_RUN_TOML
+
+    cfg = loads_config(TINY_RUN_TOML)
+    common = ["optim.name='gn'", "optim.lr=0.5", "train.batch_size=0", "diagnostics.every=1"]
+    whole = train(cfg, tmp_path / "whole", overrides=common + ["train.epochs=3"], progress=False)
+    part = train(cfg, tmp_path / "part", overrides=common + ["train.epochs=2"], progress=False)
+    train(None, resume=part, overrides=["train.epochs=3"], progress=False)
+    a, b = dg.read_diagnostics(whole / "diagnostics.jsonl"), dg.read_diagnostics(part / "diagnostics.jsonl")
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b] == [0, 1, 2, 3]
+    assert "ntk_rate" in a[3] and "ntk_rate" not in b[3]
+    for ra, rb in zip(a, b):
+        for key in rb:
+            if key != "diagnostics_time_s":
+                assert rb[key] == pytest.approx(ra[key], rel=1e-9, abs=1e-12), (ra["epoch"], key)
