@@ -46,6 +46,7 @@ from .model import RevMLP
 __all__ = [
     "METRIC_DOC",
     "DIAGNOSTICS_FILE",
+    "DEFAULT_PROBE_SIZE",
     "kernel_alignment",
     "ntk_rate",
     "ntk_probe_cosine",
@@ -74,6 +75,7 @@ __all__ = [
 ]
 
 DIAGNOSTICS_FILE = "diagnostics.jsonl"
+DEFAULT_PROBE_SIZE = 256  # the default of [diagnostics] probe_size
 
 #: Every metric name the recorder can emit (``{block}`` is 0-based, ``{layer}`` is a half-layer name).
 METRIC_DOC: dict[str, str] = {
@@ -645,7 +647,7 @@ def runs_cka(
     *,
     epoch: int | None = None,
     probe_inputs: Tensor | None = None,
-    probe_size: int = 128,
+    probe_size: int = DEFAULT_PROBE_SIZE,
     unbiased: bool = False,
     data_root: str | os.PathLike | None = None,
 ) -> dict[str, float]:
@@ -668,7 +670,7 @@ def runs_cka(
 def diagnose_run(
     run_dir: str | os.PathLike,
     *,
-    probe_size: int = 128,
+    probe_size: int | None = None,
     every: int = 1,
     probe_inputs: Tensor | None = None,
     data_root: str | os.PathLike | None = None,
@@ -680,8 +682,9 @@ def diagnose_run(
     """Recompute the diagnostics of a run from its epoch checkpoints; returns the records (one per epoch).
 
     Uses ``checkpoints/epoch_0000.pt`` as the initial model and every checkpoint whose epoch is a multiple of
-    ``every``. The probe batch is ``probe_inputs`` (capped at ``probe_size`` rows) or, by default, the first
-    ``probe_size`` training images of the run's dataset (:func:`probe_inputs`, data root ``data_root``, else the
+    ``every``. ``probe_size`` defaults to the run's ``diagnostics.probe_size`` (so the records match those made
+    during training), else :data:`DEFAULT_PROBE_SIZE`. The probe batch is ``probe_inputs`` (capped at
+    ``probe_size`` rows) or, by default, the first ``probe_size`` training images of the run's dataset (:func:`probe_inputs`, data root ``data_root``, else the
     run's ``data.root``, else ``$EXACTGN_DATA``). Writes the records as JSON lines to ``out`` (default ``RUN_DIR/diagnostics.jsonl``; an existing
     file is replaced only with ``overwrite=True``); ``out=False`` writes nothing.
     """
@@ -689,6 +692,9 @@ def diagnose_run(
     ckpts = epoch_checkpoints(run)
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"every must be an integer >= 1, got {every!r}")
+    if probe_size is None:
+        config = _read_config(run) if (run / "config.toml").is_file() else {}
+        probe_size = config.get("diagnostics", {}).get("probe_size", DEFAULT_PROBE_SIZE)
     if isinstance(probe_size, bool) or not isinstance(probe_size, int) or probe_size < 4:
         raise ValueError(f"probe_size must be an integer >= 4, got {probe_size!r}")
     target: Path | None = None if out is False else Path(out) if out is not None else run / DIAGNOSTICS_FILE
@@ -760,8 +766,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "initialisation, and per-half-layer weight change. Writes RUN_DIR/diagnostics.jsonl.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder with checkpoints/epoch_0000.pt and later ones")
-    p.add_argument("--probe-size", type=int, default=128,
-                   help="probe samples B: the first B training samples of the run's dataset (default 128; NTK is Bk × Bk)")
+    p.add_argument("--probe-size", type=int, default=None,
+                   help="probe samples B: the first B training images of the run's dataset (default: the run's "
+                   f"diagnostics.probe_size, else {DEFAULT_PROBE_SIZE}; the NTK is Bk × Bk)")
     p.add_argument("--every", type=int, default=1, help="use checkpoints whose epoch is a multiple of K (default 1)")
     p.add_argument("--probe", metavar="FILE.pt",
                    help="use this probe batch instead (a tensor B × d saved with torch.save); --probe-size still caps B")

@@ -620,13 +620,13 @@ def _environment() -> dict[str, str]:
     return env
 
 
-def _stat(values: Sequence[float]) -> str:
-    vals = [v for v in values if math.isfinite(v)]
+def _stat(values: Sequence[float], digits: int = 4) -> str:
+    vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
     if not vals:
         return "–"
     if len(vals) == 1:
-        return _num(vals[0])
-    return f"{_num(statistics.fmean(vals))} [{_num(min(vals))}, {_num(max(vals))}]"
+        return _num(vals[0], digits)
+    return f"{_num(statistics.fmean(vals), digits)} [{_num(min(vals), digits)}, {_num(max(vals), digits)}]"
 
 
 def _summary_rows(panel: Panel) -> list[list[str]]:
@@ -634,12 +634,14 @@ def _summary_rows(panel: Panel) -> list[list[str]]:
     for s in panel.series:
         runs = s.runs
         last_diag = [r.diagnostics[-1] for r in runs if r.diagnostics]
-        diag = lambda key: _stat([d.get(key, math.nan) for d in last_diag])  # noqa: E731
+        diag = lambda key, digits=4: _stat([d.get(key, math.nan) for d in last_diag], digits)  # noqa: E731
+        blocks = [int(m.group(1)) for d in last_diag for k in d if (m := re.fullmatch(r"cka/block(\d+)", k))]
+        deepest = f"cka/block{max(blocks)}" if blocks else "cka/block0"
         rows.append([
             _esc(s.label), str(len(runs)), _stat([_final(r, "epoch") for r in runs]),
             _stat([_final(r, "train_loss") for r in runs]), _stat([_final(r, "test_loss") for r in runs]),
             _stat([_final(r, "test_accuracy") for r in runs]), _stat([_best(r, "test_accuracy", True) for r in runs]),
-            diag("ntk_alignment"), diag("cka/block0"), diag("weight_rel_change/all"),
+            diag("ntk_alignment", 6), diag(deepest, 6), diag("weight_rel_change/all"),
         ])
     return rows
 
@@ -657,7 +659,7 @@ def _html(runs: Sequence[Run], panels: Sequence[Panel], figures: Sequence[_Figur
         "<h2>Summary</h2>",
     ]
     head = ["series", "runs", "epochs", "final train loss", "final test loss", "final test acc.", "best test acc.",
-            "NTK alignment (last)", "CKA block 0 (last)", "weight rel. change (last)"]
+            "NTK alignment (last)", "CKA deepest block vs. init (last)", "weight rel. change (last)"]
     for panel in panels:
         parts.append(f"<h3>{_esc(panel.title)}</h3>")
         parts.append(_table(head, _summary_rows(panel), [False] + [True] * (len(head) - 1)))
@@ -669,7 +671,7 @@ def _html(runs: Sequence[Run], panels: Sequence[Panel], figures: Sequence[_Figur
                 if j < i:
                     continue
                 rows.append([_esc(a), _esc(b) if j != i else "(seed vs. seed)"]
-                            + [f"{_num(c.biased[l][i][j], 3)} / {_num(c.unbiased[l][i][j], 3)}" for l in range(c.blocks)])
+                            + [f"{_num(c.biased[l][i][j], 5)} / {_num(c.unbiased[l][i][j], 5)}" for l in range(c.blocks)])
         parts.append(_table(["series", "against"] + [f"block {l} (biased / unbiased)" for l in range(c.blocks)], rows,
                             [False, False] + [True] * c.blocks))
     parts.append("<h2>Figures</h2>")
@@ -717,7 +719,7 @@ def make_report(
     band: str = "minmax",
     title: str = "exactgn report",
     cross_cka: bool = False,
-    probe_size: int = 128,
+    probe_size: int = 256,
     data_root: str | None = None,
 ) -> Path:
     """Write ``out/index.html`` (self-contained: figures embedded) and the figures as ``out/*.png``; returns the
@@ -765,7 +767,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cross-cka", action="store_true",
                    help="also compute CKA between the final models of every pair of series (optimiser against "
                    "optimiser); needs the runs' checkpoints and data")
-    p.add_argument("--probe-size", type=int, default=128, help="probe images for --cross-cka (default 128)")
+    p.add_argument("--probe-size", type=int, default=256, help="probe images for --cross-cka (default 256)")
     p.add_argument("--data-root", metavar="DIR", help="data root for --cross-cka (default: the runs' data.root, "
                    "else $EXACTGN_DATA)")
     p.set_defaults(func=_main)

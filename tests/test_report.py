@@ -91,7 +91,8 @@ def test_training_records_equal_diagnose_from_checkpoints(tiny_runs, tmp_path):
     assert "ntk_rate" not in recorded[0] and recorded[1]["ntk_rate"] > 0
     assert recorded[2]["ntk_alignment"] < 1 and recorded[2]["weight_rel_change/all"] > 0
     out = tmp_path / "diag.jsonl"
-    assert cli_main(["diagnose", str(run), "--probe-size", "8", "--out", str(out)]) == 0
+    # No --probe-size: diagnose takes the run's own diagnostics.probe_size (8 here), so the records match.
+    assert cli_main(["diagnose", str(run), "--out", str(out)]) == 0
     again = dg.read_diagnostics(out)
     assert len(again) == len(recorded)
     for a, b in zip(again, recorded):
