@@ -1,0 +1,385 @@
+"""``exactgn sweep SWEEP.toml``: grid or random search over configuration keys, on Ray Tune or one by one.
+
+A sweep file names a base run configuration and the keys to vary::
+
+    name = "lr-seeds"
+    base = "demo-minibatch/gn"          # shipped experiment name, or a TOML path (relative to this file)
+    method = "grid"                     # grid | random
+    samples = 4                         # random: draws per grid point
+    seed = 0                            # random: seed of the sampler
+    backend = "auto"                    # auto (ray if installed) | ray | sequential
+
+    [set]                               # overrides applied to every trial
+    "train.epochs" = 3
+
+    [grid]                              # key = [values]: every combination is a trial
+    seed = [0, 1]
+    "optim.lr" = [0.1, 0.2]
+
+    [random]                            # key = distribution (method = "random" only)
+    "optim.gn.damping" = { log_uniform = [1e-4, 1e-1] }
+    "optim.gn.inverse" = { choice = ["right", "pinv"] }
+
+    [resources]
+    cpus_per_trial = 1                  # CPU threads per trial (also torch's thread count)
+    gpus_per_trial = "auto"             # 1 when CUDA is available, else 0
+
+    [ray]
+    address = ""                        # "" starts a local Ray instance; "auto" or "ray://HOST:10001" joins one
+
+Trials are drawn here, not by Ray, so both back-ends run exactly the same trials. Each trial is an ordinary run
+folder ``OUT/trial-NNN`` (``docs/run-folder.md``); ``OUT/sweep.json`` lists the trials and their overrides and
+``OUT/results.csv`` their final and best results. Running the same sweep again skips finished trials and
+resumes interrupted ones. On a multi-machine Ray cluster, ``OUT`` must be on a filesystem every node can write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import json
+import math
+import random
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import ConfigError, RunConfig, find_config, load_config, toml_value
+from .runlog import atomic_write_text, read_meta
+
+__all__ = ["SweepSpec", "Trial", "load_sweep", "make_trials", "run_sweep", "add_parser"]
+
+METHODS = ("grid", "random")
+BACKENDS = ("auto", "ray", "sequential")
+DISTRIBUTIONS = ("choice", "uniform", "log_uniform", "int_uniform")
+_TOP_KEYS = {"name", "base", "method", "samples", "seed", "backend", "description", "set", "grid", "random",
+             "resources", "ray"}
+
+
+@dataclass
+class SweepSpec:
+    """A parsed sweep file."""
+
+    name: str
+    base: Path
+    method: str = "grid"
+    samples: int = 1
+    seed: int = 0
+    backend: str = "auto"
+    description: str = ""
+    fixed: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    random: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cpus_per_trial: int = 1
+    gpus_per_trial: int | str = "auto"
+    ray_address: str = ""
+
+
+@dataclass
+class Trial:
+    """One point of the sweep: its index, folder name and the overrides it adds to the base config."""
+
+    index: int
+    overrides: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return f"trial-{self.index:03d}"
+
+
+def _fail(source: str, message: str) -> ConfigError:
+    return ConfigError(f"{source}: {message}")
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    """Read and check a sweep file; every error names the file and the key."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"sweep file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise _fail(str(path), f"not valid TOML: {exc}") from exc
+    src = str(path)
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise _fail(src, f"unknown key(s) {sorted(unknown)}; known: {sorted(_TOP_KEYS)}")
+    for key in ("name", "base"):
+        if not isinstance(data.get(key), str) or not data[key]:
+            raise _fail(src, f"{key!r} must be a non-empty string")
+    base = Path(data["base"])
+    if not base.is_absolute() and (path.parent / base).is_file():
+        base = path.parent / base
+    try:
+        base = find_config(base)
+    except ConfigError as exc:
+        raise _fail(src, f"base: {exc}") from exc
+    spec = SweepSpec(name=data["name"], base=base, description=str(data.get("description", "")))
+    spec.method = data.get("method", "grid")
+    if spec.method not in METHODS:
+        raise _fail(src, f"method must be one of {METHODS}, got {spec.method!r}")
+    spec.backend = data.get("backend", "auto")
+    if spec.backend not in BACKENDS:
+        raise _fail(src, f"backend must be one of {BACKENDS}, got {spec.backend!r}")
+    for key in ("samples", "seed"):
+        if key in data:
+            if isinstance(data[key], bool) or not isinstance(data[key], int) or data[key] < (1 if key == "samples" else 0):
+                raise _fail(src, f"{key} must be an integer >= {1 if key == 'samples' else 0}, got {data[key]!r}")
+            setattr(spec, key, data[key])
+    for table in ("set", "grid", "random", "resources", "ray"):
+        if table in data and not isinstance(data[table], dict):
+            raise _fail(src, f"[{table}] must be a table")
+    spec.fixed = dict(data.get("set", {}))
+    for key, values in data.get("grid", {}).items():
+        if not isinstance(values, list) or not values:
+            raise _fail(src, f"grid.{key} must be a non-empty list of values, got {values!r}")
+        spec.grid[key] = values
+    for key, dist in data.get("random", {}).items():
+        if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+            raise _fail(src, f"random.{key} must be one of {{ choice = [...] }}, {{ uniform = [lo, hi] }}, "
+                             f"{{ log_uniform = [lo, hi] }}, {{ int_uniform = [lo, hi] }}; got {dist!r}")
+        kind, arg = next(iter(dist.items()))
+        if not isinstance(arg, list) or not arg or (kind != "choice" and len(arg) != 2):
+            raise _fail(src, f"random.{key}.{kind} needs {'a non-empty list' if kind == 'choice' else '[lo, hi]'}")
+        if kind == "log_uniform" and not (0 < arg[0] <= arg[1]):
+            raise _fail(src, f"random.{key}.log_uniform needs 0 < lo <= hi, got {arg}")
+        if kind in ("uniform", "int_uniform") and not arg[0] <= arg[1]:
+            raise _fail(src, f"random.{key}.{kind} needs lo <= hi, got {arg}")
+        spec.random[key] = dist
+    if spec.method == "grid" and spec.random:
+        raise _fail(src, "[random] needs method = \"random\"")
+    if spec.method == "random" and not spec.random:
+        raise _fail(src, "method = \"random\" needs a [random] table")
+    overlap = (set(spec.grid) & set(spec.random)) | (set(spec.fixed) & (set(spec.grid) | set(spec.random)))
+    if overlap:
+        raise _fail(src, f"key(s) {sorted(overlap)} appear in more than one of [set], [grid], [random]")
+    resources = dict(data.get("resources", {}))
+    cpus = resources.pop("cpus_per_trial", 1)
+    gpus = resources.pop("gpus_per_trial", "auto")
+    if resources:
+        raise _fail(src, f"unknown key(s) in [resources]: {sorted(resources)}; known: cpus_per_trial, gpus_per_trial")
+    if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
+        raise _fail(src, f"resources.cpus_per_trial must be an integer >= 1, got {cpus!r}")
+    if gpus != "auto" and (isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or gpus < 0):
+        raise _fail(src, f"resources.gpus_per_trial must be \"auto\" or a number >= 0, got {gpus!r}")
+    spec.cpus_per_trial, spec.gpus_per_trial = cpus, gpus
+    ray_table = dict(data.get("ray", {}))
+    spec.ray_address = str(ray_table.pop("address", ""))
+    if ray_table:
+        raise _fail(src, f"unknown key(s) in [ray]: {sorted(ray_table)}; known: address")
+    # Every trial must make a valid run config: check the keys and types now, not after hours of trials.
+    for trial in make_trials(spec):
+        try:
+            _trial_config(spec, trial)
+        except ConfigError as exc:
+            raise _fail(src, f"{trial.name} ({_describe(trial.overrides)}): {exc}") from exc
+    return spec
+
+
+def _sample(kind: str, arg: list[Any], rng: random.Random) -> Any:
+    if kind == "choice":
+        return rng.choice(arg)
+    if kind == "uniform":
+        return rng.uniform(arg[0], arg[1])
+    if kind == "log_uniform":
+        return math.exp(rng.uniform(math.log(arg[0]), math.log(arg[1])))
+    return rng.randint(int(arg[0]), int(arg[1]))
+
+
+def make_trials(spec: SweepSpec) -> list[Trial]:
+    """The trials, in a fixed order: every grid combination (× ``samples`` random draws for ``random``)."""
+    keys = list(spec.grid)
+    points = [dict(zip(keys, combo)) for combo in itertools.product(*(spec.grid[k] for k in keys))] or [{}]
+    rng = random.Random(spec.seed)
+    trials = []
+    for point in points:
+        for _ in range(spec.samples if spec.method == "random" else 1):
+            drawn = {key: _sample(*next(iter(dist.items())), rng) for key, dist in spec.random.items()}
+            trials.append(Trial(len(trials), {**point, **drawn}))
+    return trials
+
+
+def _trial_config(spec: SweepSpec, trial: Trial) -> RunConfig:
+    """The base config with the sweep's fixed overrides, the trial's own, and one torch thread per trial CPU."""
+    overrides = {**spec.fixed, **trial.overrides, "train.threads": spec.cpus_per_trial}
+    return load_config(spec.base, overrides)
+
+
+def _describe(overrides: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={toml_value(v)}" for k, v in overrides.items()) or "base"
+
+
+# ---------------------------------------------------------------------------- running
+def _trial_state(run_dir: Path) -> str:
+    """``new`` (no folder or empty), ``finished``, or ``resume`` (a checkpoint to continue from)."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return "new"
+    try:
+        status = read_meta(run_dir).get("status")
+    except (FileNotFoundError, ValueError):
+        status = None
+    if status == "finished":
+        return "finished"
+    if (run_dir / "checkpoints" / "last.pt").is_file():
+        return "resume"
+    return "restart"
+
+
+def run_trial(spec_path: str, out: str, index: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Run (or resume, or skip if finished) one trial; returns its summary. Called in Ray workers too."""
+    import shutil
+
+    import torch
+
+    from .compare import summarise_run
+    from .train import train
+
+    spec = load_sweep(spec_path)
+    trial = Trial(index, overrides)
+    run_dir = Path(out) / trial.name
+    state = _trial_state(run_dir)
+    torch.set_num_threads(spec.cpus_per_trial)
+    if state == "restart":  # a folder without a checkpoint: nothing to keep
+        shutil.rmtree(run_dir)
+        state = "new"
+    if state == "new":
+        train(_trial_config(spec, trial), run_dir, progress=False)
+    elif state == "resume":
+        train(None, resume=run_dir, progress=False)
+    return {**summarise_run(run_dir), "trial": trial.name, "overrides": _describe(overrides)}
+
+
+def _ray_available() -> bool:
+    try:
+        import ray  # noqa: F401
+        from ray import tune  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _gpus(spec: SweepSpec) -> float:
+    if spec.gpus_per_trial != "auto":
+        return float(spec.gpus_per_trial)
+    import torch
+
+    return 1.0 if torch.cuda.is_available() else 0.0
+
+
+def _run_sequential(spec_path: Path, out: Path, trials: list[Trial], progress: bool) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    results = []
+    for trial in tqdm(trials, desc="sweep", unit="trial", disable=not progress):
+        results.append(run_trial(str(spec_path), str(out), trial.index, trial.overrides))
+    return results
+
+
+def _run_ray(spec: SweepSpec, spec_path: Path, out: Path, trials: list[Trial], progress: bool) -> list[dict[str, Any]]:
+    import ray
+    from ray import tune
+
+    started = False
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=progress, configure_logging=False)
+        if spec.ray_address:
+            ray.init(address=spec.ray_address, **kwargs)
+        else:
+            ray.init(**kwargs)
+        started = True
+    try:
+        overrides = {t.index: t.overrides for t in trials}
+
+        def exactgn_trial(config: dict[str, Any]) -> None:
+            index = config["trial"]
+            summary = run_trial(str(spec_path), str(out), index, overrides[index])
+            tune.report({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+        tuner = tune.Tuner(
+            tune.with_resources(exactgn_trial, {"cpu": spec.cpus_per_trial, "gpu": _gpus(spec)}),
+            param_space={"trial": tune.grid_search([t.index for t in trials])},
+            run_config=tune.RunConfig(name="tune", storage_path=str((out / "ray").resolve()), verbose=1 if progress else 0),
+        )
+        grid = tuner.fit()
+        errors = [r.error for r in grid if r.error is not None]
+        if errors:
+            raise RuntimeError(f"{len(errors)} Ray trial(s) failed; first error: {errors[0]}")
+    finally:
+        if started:
+            ray.shutdown()
+    from .compare import summarise_run
+
+    return [{**summarise_run(out / t.name), "trial": t.name, "overrides": _describe(t.overrides)} for t in trials]
+
+
+RESULT_FIELDS = ("trial", "overrides", "status", "epochs", "final_train_loss", "final_train_accuracy",
+                 "final_test_loss", "final_test_accuracy", "best_test_accuracy", "best_test_accuracy_epoch",
+                 "wall_time_s", "run_dir")
+
+
+def run_sweep(
+    spec_path: str | Path, out: str | Path | None = None, *, backend: str | None = None, progress: bool = True
+) -> Path:
+    """Run every trial of the sweep file into ``out`` (default ``sweeps/<name>``); returns that folder."""
+    spec_path = Path(spec_path).resolve()
+    spec = load_sweep(spec_path)
+    backend = backend or spec.backend
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "ray" if _ray_available() else "sequential"
+    if backend == "ray" and not _ray_available():
+        raise ImportError("backend 'ray' needs Ray Tune: pip install 'exactgn[ray]' (or use backend = \"sequential\")")
+    out = Path(out or Path("sweeps") / spec.name).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    trials = make_trials(spec)
+    listing = {"name": spec.name, "sweep_file": str(spec_path), "base": str(spec.base), "backend": backend,
+               "trials": [{"trial": t.name, "overrides": t.overrides} for t in trials]}
+    previous = out / "sweep.json"
+    if previous.is_file():
+        old = json.loads(previous.read_text())
+        if old.get("trials") != listing["trials"]:
+            raise ValueError(f"{out} holds a different sweep (its sweep.json lists other trials); choose another --out")
+    atomic_write_text(previous, json.dumps(listing, indent=2) + "\n")
+    if backend == "ray":
+        results = _run_ray(spec, spec_path, out, trials, progress)
+    else:
+        results = _run_sequential(spec_path, out, trials, progress)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=RESULT_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(results)
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    return out
+
+
+# ---------------------------------------------------------------------------- CLI
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="grid or random search over config keys, on Ray Tune or one trial after another",
+        description="Run every trial of SWEEP.toml (a base config plus [grid] or [random] keys to vary): with Ray "
+        "Tune when it is installed (one trial per GPU or per cpus_per_trial CPU slots, on a local Ray instance or "
+        "the cluster at [ray] address), else one after another. Each trial is a run folder OUT/trial-NNN; "
+        "OUT/results.csv holds final and best results. Rerunning skips finished trials and resumes interrupted "
+        "ones. `exactgn report OUT` draws the seeds of each setting as mean and band.",
+        epilog="example: exactgn sweep $(python -c 'import exactgn.sweep as s; print(s.EXAMPLE)')",
+    )
+    p.add_argument("sweep", metavar="SWEEP.toml", help="the sweep file (see the module docstring or the README)")
+    p.add_argument("--out", metavar="DIR", help="sweep folder (default sweeps/<name>)")
+    p.add_argument("--backend", choices=BACKENDS, help="override the file's backend")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_main)
+
+
+EXAMPLE = str(Path(__file__).parent / "sweeps" / "demo-seeds-lr.toml")
+
+
+def _main(args: argparse.Namespace) -> int:
+    out = run_sweep(args.sweep, args.out, backend=args.backend, progress=not args.quiet)
+    print((out / "results.csv").read_text(), end="")
+    print(f"sweep folder: {out}")
+    return 0
