@@ -101,12 +101,27 @@ def _f64(t: Tensor) -> Tensor:
     return t.detach().to(torch.float64)
 
 
-def _cosine(a: Tensor, b: Tensor) -> float:
+def _cosine_gap(a: Tensor, b: Tensor) -> float:
+    """``1 − cos(a, b)`` of two tensors (flattened), in float64, accurate to rounding even when tiny.
+
+    Computed as ``‖â − b̂‖²/2`` from the unit vectors (``2 − ‖â + b̂‖²/2`` for negative cosines), with no
+    cancellation where ``1 − cos`` is small (the NTK rate of change of lazy training); ``nan`` for a zero input.
+    """
     a, b = _f64(a).reshape(-1), _f64(b).reshape(-1)
-    denom = a.norm() * b.norm()
-    if denom == 0:
+    na, nb = a.norm(), b.norm()
+    if na == 0 or nb == 0 or not (torch.isfinite(na) and torch.isfinite(nb)):
         return math.nan
-    return min(1.0, max(-1.0, float((a @ b) / denom)))  # clip rounding just outside [-1, 1]
+    ua, ub = a / na, b / nb
+    if float(ua @ ub) >= 0:
+        gap = 0.5 * float((ua - ub).square().sum())
+    else:
+        gap = 2.0 - 0.5 * float((ua + ub).square().sum())
+    return min(2.0, max(0.0, gap))
+
+
+def _cosine(a: Tensor, b: Tensor) -> float:
+    """Cosine of two tensors (flattened) in float64, ``1 − _cosine_gap``: exactly 1 for equal inputs."""
+    return 1.0 - _cosine_gap(a, b)
 
 
 def _check_square(name: str, k: Tensor) -> None:
@@ -133,10 +148,12 @@ def ntk_rate(k_prev: Tensor, k_t: Tensor, epochs_elapsed: float) -> float:
     """NTK rate of change between consecutive records: ``(1 − alignment(Θ_prev, Θ_t)) / epochs_elapsed``.
 
     0 when the kernel did not move (up to scale); per epoch, so records taken every few epochs are comparable.
+    Computed without cancellation, so it stays accurate when the alignment is within rounding of 1.
     """
     if not epochs_elapsed > 0:
         raise ValueError(f"epochs_elapsed must be > 0, got {epochs_elapsed!r}")
-    return (1.0 - kernel_alignment(k_prev, k_t)) / float(epochs_elapsed)
+    kernel_alignment(k_prev, k_t)  # shape checks
+    return _cosine_gap(k_prev, k_t) / float(epochs_elapsed)  # 1 − alignment without cancellation
 
 
 def probe_vector(size: int, seed: int = 0) -> Tensor:

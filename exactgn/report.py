@@ -213,9 +213,16 @@ def _freeze(v: Any) -> Any:
 
 
 def _panel_key(run: Run) -> tuple[str, str]:
+    """``(dataset, setting)``: full-batch when the batch covers the training set (as ``meta.json`` records the actual
+    sizes, else as ``train.batch_size = 0`` or ``>= data.train_size`` says), otherwise mini-batch."""
     dataset = str(run.get("data.dataset", "?"))
     batch = run.get("train.batch_size")
     train_size = run.get("data.train_size", 0) or 0
+    m_batch, m_train = run.meta.get("batch_size"), run.meta.get("train_size")
+    if isinstance(m_batch, int) and isinstance(m_train, int) and m_train > 0:
+        if m_batch >= m_train:
+            return dataset, f"full-batch ({m_train} images)"
+        return dataset, f"mini-batch (B={m_batch})"
     if batch is None:
         setting = "?"
     elif batch == 0 or (train_size and batch >= train_size):

@@ -44,6 +44,23 @@ def test_kernel_alignment_self_scaling_and_different(rng):
     assert dg.kernel_alignment(k, -k) == pytest.approx(-1.0, abs=1e-14)
 
 
+def test_one_minus_alignment_is_accurate_near_one(rng):
+    # Lazy training moves the NTK by tiny amounts, so 1 − alignment (the rate of change) must be accurate where the
+    # alignment is within ~1e-13 of 1. Reference without cancellation: with a, b the flattened kernels,
+    # 1 − cos = s/(1 + cos) where s = sin² = Σ_{i<j}(a_i b_j − a_j b_i)² / (‖a‖²‖b‖²) (Lagrange's identity).
+    k = _psd(rng, 4)
+    kt = k + 1e-6 * _psd(rng, 4)
+    a, b = k.reshape(-1), kt.reshape(-1)
+    cross = (a[:, None] * b[None, :] - a[None, :] * b[:, None]).square().sum() / 2
+    sin2 = float(cross / (a.square().sum() * b.square().sum()))
+    cos = math.sqrt(1 - sin2)
+    want = sin2 / (1 + cos)
+    assert 1e-16 < want < 1e-10
+    assert dg.ntk_rate(k, kt, 1) == pytest.approx(want, rel=1e-6)  # 1 − alignment, computed without cancellation
+    assert 1 - dg.kernel_alignment(k, kt) == pytest.approx(want, abs=1e-15)  # the alignment itself: to rounding
+    assert dg.kernel_alignment(k, k) == 1.0 and dg.weight_cosine(k, k) == 1.0
+
+
 def test_kernel_alignment_rejects_bad_shapes(rng):
     with pytest.raises(ValueError, match="same shape"):
         dg.kernel_alignment(_psd(rng, 3), _psd(rng, 4))
