@@ -19,9 +19,13 @@ excluded: they start at zero, so their relative change is undefined).
 
 Per-mini-batch loss change: :func:`loss_change_summary` summarises a run's ``steps.csv`` per epoch.
 
-Recording: :class:`DiagnosticsRecorder` (``on_epoch_end(epoch, model, optimizer) -> dict``) during training, and
-:func:`diagnose_run` / ``exactgn diagnose RUN_DIR`` afterwards from ``checkpoints/epoch_NNNN.pt``.
-Metric names are listed in :data:`METRIC_DOC`.
+Recording: :class:`DiagnosticsRecorder` (``on_epoch_end(epoch, model, optimizer) -> dict``) from a notebook or any
+loop; :func:`make_callback` gives ``exactgn train`` its ``[diagnostics]`` callback (``enabled``, ``every``,
+``probe_size``); :func:`diagnose_run` / ``exactgn diagnose RUN_DIR`` recompute the same records afterwards from
+``checkpoints/epoch_NNNN.pt``; :func:`runs_cka` compares two runs. The probe batch of a run is
+:func:`probe_inputs` (its first training images). Metric names are listed in :data:`METRIC_DOC`.
+
+Everything is computed in float64 by default (a float64 copy of a float32 model), against the model at epoch 0.
 """
 
 from __future__ import annotations
