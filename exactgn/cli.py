@@ -8,7 +8,7 @@ import os
 import sys
 
 # Sub-command modules; each defines ``add_parser(subparsers)`` that sets ``func`` on its parser.
-COMMAND_MODULES = ("exactgn.bench", "exactgn.diagnostics", "exactgn.train", "exactgn.report")
+COMMAND_MODULES = ("exactgn.bench", "exactgn.diagnostics", "exactgn.train", "exactgn.report", "exactgn.compare", "exactgn.demo", "exactgn.sweep")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
@@ -41,6 +42,7 @@ from .checkpoint import load_checkpoint, restore_rng_states, rng_states, save_ch
 from .config import ConfigError, RunConfig, apply_overrides, from_dict, load_config, to_dict, toml_value, write_config
 from .data import DataSplit, load_dataset, random_resized_crop
 from .errors import NonFiniteError
+from .linalg import GramFallbackWarning
 from .losses import as_target_rows, loss_value
 from .model import RevMLP
 from .optim import GaussNewton
@@ -354,9 +356,12 @@ class _Run:
         self.model.train()
         if isinstance(self.optimizer, GaussNewton):
             try:
-                before = self.optimizer.step(x, y)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", GramFallbackWarning)
+                    before = self.optimizer.step(x, y)
             except NonFiniteError as exc:
                 raise _Diverged(str(exc)) from exc
+            self._report_warnings(caught)
             logits = self.optimizer.last_result.logits
         else:
             self.optimizer.zero_grad(set_to_none=True)
@@ -369,11 +374,24 @@ class _Run:
             sums = torch.stack([p.detach().sum() for p in self.model.parameters()])
             if not torch.isfinite(sums).all():
                 raise _Diverged("the step made some parameters non-finite")
-        loss = float(before)
+        loss = float(before.detach())
         if not math.isfinite(loss):
             raise _Diverged(f"the batch loss is {loss}")
         acc = float((logits.detach().argmax(1) == y).double().mean())
         return loss, acc, logits
+
+    def _report_warnings(self, caught: list[warnings.WarningMessage]) -> None:
+        """Count Gram fall-backs (inexact GN solves) in meta.json; show the first one, pass others on."""
+        for w in caught:
+            if issubclass(w.category, GramFallbackWarning):
+                count = self.meta.get("gram_fallback_steps", 0)
+                if count == 0:
+                    _write(f"warning: {w.message} (further fall-backs are counted in meta.json: gram_fallback_steps)")
+                self.meta["gram_fallback_steps"] = count + 1
+                break
+        for w in caught:
+            if not issubclass(w.category, GramFallbackWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
     def run_epoch(self, epoch: int, guard: _InterruptGuard) -> None:
         pos = self.pos

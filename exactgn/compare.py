@@ -1,0 +1,208 @@
+"""``exactgn compare``: one setting trained with GN, Adam and SGD, then a table of final and best results.
+
+A *setting* is a folder holding ``gn.toml``, ``adam.toml`` and ``sgd.toml``: a shipped one
+(``exactgn/experiments/<setting>/``, e.g. ``mnist-fullbatch-cpu``) or any folder given by path. The runs go to
+``OUT/<optimiser>/`` (run folders as in ``docs/run-folder.md``) and the table to ``OUT/comparison.md`` and
+``OUT/comparison.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import io
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import EXPERIMENTS_DIR, OPTIMISERS, ConfigError, list_settings, load_config
+from .runlog import atomic_write_text, read_meta, read_rows
+from .train import TrainingInterrupted, add_common_options, cli_overrides, train
+
+__all__ = ["find_setting", "compare", "summarise_run", "comparison_rows", "format_markdown", "format_csv", "add_parser"]
+
+NAMES = {"gn": "GN", "adam": "Adam", "sgd": "SGD"}
+CSV_FIELDS = (
+    "optimiser", "status", "epochs", "steps", "final_train_loss", "final_train_accuracy", "final_test_loss",
+    "final_test_accuracy", "best_train_loss", "best_train_accuracy", "best_test_loss", "best_test_accuracy",
+    "best_test_accuracy_epoch", "final_mean_loss_change_pct", "wall_time_s", "run_dir",
+)
+
+
+def find_setting(setting: str | Path) -> Path:
+    """The folder of a setting: a path holding ``gn.toml``/``adam.toml``/``sgd.toml``, or a shipped setting name."""
+    path = Path(setting)
+    candidates = [path] if path.is_dir() else []
+    candidates.append(EXPERIMENTS_DIR / str(setting))
+    for folder in candidates:
+        if folder.is_dir():
+            missing = [f"{o}.toml" for o in OPTIMISERS if not (folder / f"{o}.toml").is_file()]
+            if missing:
+                raise ConfigError(f"setting {folder}: missing {', '.join(missing)} (a setting holds gn.toml, adam.toml and sgd.toml)")
+            return folder
+    raise ConfigError(f"setting {str(setting)!r}: no such folder and no shipped setting; shipped: {', '.join(list_settings())}")
+
+
+def summarise_run(run_dir: str | Path) -> dict[str, Any]:
+    """Final and best train/test loss and accuracy of one run (best over the trained epochs, 1 on)."""
+    run_dir = Path(run_dir)
+    meta = read_meta(run_dir)
+    rows = read_rows(run_dir / "epochs.csv")
+    trained = [r for r in rows if r["epoch"] >= 1] or rows
+    out: dict[str, Any] = {
+        "optimiser": meta.get("optimiser"), "status": meta.get("status"), "epochs": meta.get("epochs_done"),
+        "steps": meta.get("global_step"), "wall_time_s": meta.get("wall_time_s"), "run_dir": str(run_dir),
+    }
+    if not trained:
+        return out
+    last = trained[-1]
+
+    def finite(key: str) -> list[dict[str, Any]]:
+        return [r for r in trained if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+
+    for split in ("train", "test"):
+        out[f"final_{split}_loss"] = last[f"{split}_loss"]
+        out[f"final_{split}_accuracy"] = last[f"{split}_accuracy"]
+        losses, accs = finite(f"{split}_loss"), finite(f"{split}_accuracy")
+        out[f"best_{split}_loss"] = min(r[f"{split}_loss"] for r in losses) if losses else None
+        out[f"best_{split}_accuracy"] = max(r[f"{split}_accuracy"] for r in accs) if accs else None
+    accs = finite("test_accuracy")
+    if accs:
+        out["best_test_accuracy_epoch"] = max(accs, key=lambda r: r["test_accuracy"])["epoch"]
+    out["final_mean_loss_change_pct"] = last.get("mean_loss_change_pct")
+    return out
+
+
+def comparison_rows(run_dirs: dict[str, Path]) -> list[dict[str, Any]]:
+    """One summary row per optimiser (in the order given)."""
+    return [summarise_run(d) for d in run_dirs.values()]
+
+
+def _fmt(value: Any, kind: str) -> str:
+    if value is None:
+        return "-"
+    if kind == "acc":
+        return f"{100 * value:.2f}"
+    if kind == "loss":
+        return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+    if kind == "time":
+        return f"{value:.0f}"
+    return str(value)
+
+
+def format_markdown(rows: Sequence[dict[str, Any]], title: str = "") -> str:
+    """The comparison as a Markdown table (accuracies in %)."""
+    head = ("| optimiser | status | epochs | final train loss | final train acc % | final test loss | final test acc % "
+            "| best train loss | best train acc % | best test loss | best test acc % (epoch) | time s |")
+    lines = ([f"**{title}**", ""] if title else []) + [head, "|" + "---|" * 2 + "---:|" * 10]
+    for r in rows:
+        best_acc = _fmt(r.get("best_test_accuracy"), "acc")
+        if r.get("best_test_accuracy_epoch") is not None:
+            best_acc += f" ({r['best_test_accuracy_epoch']})"
+        lines.append(
+            f"| {NAMES.get(r['optimiser'], r['optimiser'])} | {r['status']} | {r['epochs']} "
+            f"| {_fmt(r.get('final_train_loss'), 'loss')} | {_fmt(r.get('final_train_accuracy'), 'acc')} "
+            f"| {_fmt(r.get('final_test_loss'), 'loss')} | {_fmt(r.get('final_test_accuracy'), 'acc')} "
+            f"| {_fmt(r.get('best_train_loss'), 'loss')} | {_fmt(r.get('best_train_accuracy'), 'acc')} "
+            f"| {_fmt(r.get('best_test_loss'), 'loss')} | {best_acc} | {_fmt(r.get('wall_time_s'), 'time')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def format_csv(rows: Sequence[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
+    return buf.getvalue()
+
+
+def compare(
+    setting: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    optimisers: Sequence[str] = OPTIMISERS,
+    resume: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Train ``setting`` with each optimiser into ``out_dir/<optimiser>/``, write ``comparison.md``/``.csv``.
+
+    ``overrides`` (``KEY=VALUE``) apply to every run. ``resume``: ``out_dir`` holds an earlier, unfinished
+    comparison; finished runs are kept, interrupted ones continue from their checkpoints, missing ones start.
+    Returns ``out_dir``. Ctrl-C raises :class:`~exactgn.train.TrainingInterrupted` after the run saves.
+    """
+    folder = find_setting(setting)
+    unknown = [o for o in optimisers if o not in OPTIMISERS]
+    if unknown or not optimisers:
+        raise ConfigError(f"optimisers must be some of {', '.join(OPTIMISERS)}, got {list(optimisers)}")
+    configs = {o: load_config(folder / f"{o}.toml", overrides) for o in optimisers}  # all checked before any run
+    if out_dir is None:
+        if resume:
+            raise ValueError("resume needs the folder of the comparison to continue")
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out_dir = Path("runs") / f"compare-{folder.name}-{stamp}"
+    out_dir = Path(out_dir)
+    if not resume and out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} already exists and is not empty; choose another --out, or --resume {out_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_dirs: dict[str, Path] = {}
+    for opt, cfg in configs.items():
+        run_dir = out_dir / opt
+        run_dirs[opt] = run_dir
+        if resume and (run_dir / "meta.json").exists():
+            status = read_meta(run_dir).get("status")
+            if status in ("finished", "diverged"):
+                continue
+            train(None, resume=run_dir, progress=progress)
+        else:
+            if resume and run_dir.exists():
+                # A run that never wrote meta.json has nothing worth keeping.
+                for child in sorted(run_dir.rglob("*"), reverse=True):
+                    child.unlink() if child.is_file() else child.rmdir()
+            train(cfg, run_dir, progress=progress)
+    rows = comparison_rows(run_dirs)
+    title = f"{folder.name}: {configs[optimisers[0]].description.rsplit(' (', 1)[0]}"
+    atomic_write_text(out_dir / "comparison.md", format_markdown(rows, title))
+    atomic_write_text(out_dir / "comparison.csv", format_csv(rows))
+    return out_dir
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="train one setting with GN, Adam and SGD and tabulate the results",
+        description="Train the same setting with GN, Adam and SGD (its gn.toml, adam.toml, sgd.toml), one after the "
+        "other, into OUT/<optimiser>/, then print a table of final and best train/test loss and accuracy and write "
+        "it to OUT/comparison.md and OUT/comparison.csv. SETTING is a shipped setting or a folder holding the three "
+        "files.",
+        epilog="shipped settings: " + ", ".join(list_settings()),
+    )
+    p.add_argument("setting", metavar="SETTING", help="shipped setting (e.g. mnist-fullbatch-cpu) or a folder")
+    p.add_argument("--out", metavar="DIR", help="folder for the runs and tables (default runs/compare-<setting>-<time>)")
+    p.add_argument("--resume", metavar="DIR", help="continue an interrupted comparison in DIR")
+    p.add_argument("--optimisers", default="gn,adam,sgd", metavar="LIST",
+                   help="comma-separated subset of gn,adam,sgd (default: all three)")
+    add_common_options(p)
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.resume and args.out:
+        raise ValueError("give --out for a new comparison or --resume DIR to continue one, not both")
+    optimisers = [o.strip() for o in args.optimisers.split(",") if o.strip()]
+    try:
+        out = compare(args.setting, args.resume or args.out, overrides=cli_overrides(args), optimisers=optimisers,
+                      resume=bool(args.resume), progress=not args.quiet)
+    except TrainingInterrupted as exc:
+        print(f"exactgn compare: {exc}", file=sys.stderr)
+        print(f"exactgn compare: continue the comparison with: exactgn compare {args.setting} --resume "
+              f"{exc.run_dir.parent}", file=sys.stderr)
+        return 130
+    print((out / "comparison.md").read_text(), end="")
+    print(f"\nwrote {out / 'comparison.md'} and {out / 'comparison.csv'}")
+    statuses = [r["status"] for r in comparison_rows({o: out / o for o in optimisers})]
+    return 0 if all(s == "finished" for s in statuses) else 1
