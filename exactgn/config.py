@@ -219,7 +219,7 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
 
 
 def _unknown(key: str, known: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1, cutoff=0.5)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     table = key.rsplit(".", 1)[0] if "." in key else ""
     where = f"[{table}]" if table else "the top level"

@@ -290,6 +290,10 @@ def _allowed_global(module: str, name: str):  # noqa: ANN202
         except ImportError:  # numpy < 2
             from numpy.core.multiarray import _reconstruct  # type: ignore[attr-defined,no-redef]
         return _reconstruct
+    if module == "_codecs" and name == "encode":  # how Python 3 writes bytes into a protocol-2 pickle
+        import codecs
+
+        return codecs.encode
     if module == "numpy" and name == "ndarray":
         return np.ndarray
     if module == "numpy" and name == "dtype":
@@ -320,9 +324,9 @@ def read_cifar_batch(path: str | os.PathLike) -> RawSplit:
         raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     try:
         obj = _SafeUnpickler(io.BytesIO(raw), encoding="bytes").load()
-    except EOFError as exc:
-        raise DataError(f"{path}: truncated: the pickle ends early ({len(raw)} bytes); replace the file") from exc
     except Exception as exc:  # pickle raises many types on garbage input
+        if isinstance(exc, EOFError) or "truncated" in str(exc):
+            raise DataError(f"{path}: truncated: the pickle ends early ({len(raw)} bytes); replace the file") from exc
         raise DataError(f"{path}: not a valid CIFAR-10 batch pickle ({type(exc).__name__}: {exc})") from exc
     if not isinstance(obj, dict):
         raise DataError(f"{path}: a CIFAR-10 batch is a pickled dict, got {type(obj).__name__}")
