@@ -128,6 +128,7 @@ def compare(
     optimisers: Sequence[str] = OPTIMISERS,
     resume: bool = False,
     progress: bool = True,
+    epoch_lines: bool = True,
 ) -> Path:
     """Train ``setting`` with each optimiser into ``out_dir/<optimiser>/``, write ``comparison.md``/``.csv``.
 
@@ -157,13 +158,18 @@ def compare(
             status = read_meta(run_dir).get("status")
             if status in ("finished", "diverged"):
                 continue
-            train(None, resume=run_dir, progress=progress)
+            train(None, resume=run_dir, progress=progress, epoch_lines=epoch_lines)
         else:
             if resume and run_dir.exists():
                 # A run that never wrote meta.json has nothing worth keeping.
                 for child in sorted(run_dir.rglob("*"), reverse=True):
                     child.unlink() if child.is_file() else child.rmdir()
-            train(cfg, run_dir, progress=progress)
+            train(cfg, run_dir, progress=progress, epoch_lines=epoch_lines)
+        if progress and not epoch_lines:
+            s = summarise_run(run_dir)
+            if s.get("final_train_loss") is not None:
+                print(f"  {folder.name} {NAMES[opt]:>4}: {s['status']}, train loss {s['final_train_loss']:.4f}, "
+                      f"test accuracy {100 * s['final_test_accuracy']:.2f}% ({s['wall_time_s']:.0f} s)", file=sys.stderr, flush=True)
     rows = comparison_rows(run_dirs)
     title = f"{folder.name}: {configs[optimisers[0]].description.rsplit(' (', 1)[0]}"
     atomic_write_text(out_dir / "comparison.md", format_markdown(rows, title))

@@ -54,7 +54,7 @@ def run_demo(out_dir: str | Path | None = None, *, overrides: Sequence[str] = ()
         out_dir = Path("runs") / f"demo-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     out_dir = Path(out_dir)
     for setting in SETTINGS:
-        compare(setting, out_dir / setting, overrides=overrides, progress=progress)
+        compare(setting, out_dir / setting, overrides=overrides, progress=progress, epoch_lines=False)
     return out_dir
 
 

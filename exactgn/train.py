@@ -528,13 +528,14 @@ def train(
     overrides: Sequence[str] | dict[str, Any] = (),
     callbacks: Sequence[EpochCallback] = (),
     progress: bool = True,
+    epoch_lines: bool = True,
 ) -> Path:
     """Train as ``cfg`` says, into ``out_dir`` (default ``runs/<name>-<optimiser>-<time>``); returns the run folder.
 
     ``resume``: continue the run in that folder from its last checkpoint instead (``cfg`` must be ``None``;
     ``overrides`` may change only :data:`RESUMABLE_KEYS`, e.g. ``train.epochs`` to train longer).
     ``callbacks``: objects with ``on_epoch_end(epoch, model, optimizer) -> dict | None``.
-    ``progress``: show a progress bar and one line per epoch on stderr.
+    ``progress``: show a progress bar on stderr, and (with ``epoch_lines``) one line per epoch.
 
     The final status is in ``meta.json`` (``finished`` or ``diverged``); Ctrl-C raises :class:`TrainingInterrupted`.
     """
@@ -598,7 +599,7 @@ def train(
         meta.setdefault("resumed", []).append({"time": _now(), "from_global_step": payload["global_step"]})
         log = RunLog(run_dir, purge_step=payload["global_step"] + 1)
 
-    run = _Run(cfg, run_dir, data, model, optimizer, device, data_gen, log, meta, all_callbacks, progress)
+    run = _Run(cfg, run_dir, data, model, optimizer, device, data_gen, log, meta, all_callbacks, progress and epoch_lines)
     if payload is not None:
         run.restore(payload)
         del payload
@@ -612,7 +613,7 @@ def train(
 
         total = cfg.train.epochs * run.steps_per_epoch
         run.bar = tqdm(total=total, initial=min(run.pos.global_step, total), disable=not progress, unit="step",
-                       dynamic_ncols=True, file=sys.stderr, desc=f"{cfg.name}/{cfg.optim.name}")
+                       dynamic_ncols=True, file=sys.stderr, desc=f"{cfg.name}/{cfg.optim.name}", leave=epoch_lines)
         try:
             if run.pos.epochs_done < 0:
                 run.end_epoch(0)

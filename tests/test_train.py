@@ -363,3 +363,25 @@ def test_help_explains_each_command(capsys):
         text = capsys.readouterr().out
         for w in words:
             assert w in text, (command, w)
+
+
+def test_tensorboard_events_when_installed_and_none_otherwise(tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+
+    run = T.train(tiny("sgd", epochs=1), tmp_path / "tb", progress=False)
+    if importlib.util.find_spec("tensorboard") is not None:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(run / "tensorboard"))
+        acc.Reload()
+        logged = [(e.step, e.value) for e in acc.Scalars("epoch/test_loss")]
+        expected = [(r["epoch"], r["test_loss"]) for r in read_rows(run / "epochs.csv")]
+        assert [s for s, _ in logged] == [s for s, _ in expected]
+        assert all(v == pytest.approx(w, rel=1e-6) for (_, v), (_, w) in zip(logged, expected))
+        assert len(acc.Scalars("step/loss_change_pct")) == 3
+    else:
+        assert not (run / "tensorboard").exists()
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    run = T.train(tiny("sgd", epochs=1), tmp_path / "no-tb", progress=False)
+    assert not (run / "tensorboard").exists() and read_meta(run)["status"] == "finished"
