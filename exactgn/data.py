@@ -509,6 +509,10 @@ def load_dataset(
     """
     raw = load_raw(name, root, download=download)
     base = "mnist" if name.startswith("mnist") else name
+    for key, size, split in (("train_size", train_size, raw.train), ("test_size", test_size, raw.test)):
+        if size > len(split.labels):
+            raise DataError(f"data.{key} = {size} exceeds the {len(split.labels)} images of {name}'s "
+                            f"{'training' if key == 'train_size' else 'test'} set; use at most {len(split.labels)}, or 0 for all")
     train_idx = select_subset(raw.train.labels, train_size, subset, subset_seed)
     test_idx = select_subset(raw.test.labels, test_size, "first")
 

@@ -360,3 +360,11 @@ def test_random_resized_crop_whole_image_is_identity_and_falls_back_to_centre():
     left, top, w, h = crop_boxes(out)
     for t, value in ((left, 0.0), (top, 12.0), (w, 32.0), (h, 8.0)):
         assert torch.allclose(t, torch.full_like(t, value), atol=1e-6)
+
+
+def test_asking_for_more_images_than_exist_is_an_error():
+    with pytest.raises(D.DataError, match=r"data.train_size = 6000 exceeds the 5000 images of mnist-small's training set"):
+        D.load_dataset("mnist-small", train_size=6000)
+    with pytest.raises(D.DataError, match=r"data.test_size = 1001 exceeds the 1000 images of mnist-small's test set"):
+        D.load_dataset("mnist-small", test_size=1001)
+    assert len(D.load_dataset("mnist-small", train_size=5000, test_size=1000).train) == 5000
