@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from .config import EXPERIMENTS_DIR, OPTIMISERS, ConfigError, list_settings, load_config
 from .runlog import atomic_write_text, read_meta, read_rows
-from .train import TrainingInterrupted, add_common_options, cli_overrides, train
+from .train import TrainingInterrupted, _wrap, add_common_options, cli_overrides, train
 
 __all__ = ["find_setting", "compare", "summarise_run", "comparison_rows", "format_markdown", "format_csv", "add_parser"]
 
@@ -181,11 +181,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
         help="train one setting with GN, Adam and SGD and tabulate the results",
-        description="Train the same setting with GN, Adam and SGD (its gn.toml, adam.toml, sgd.toml), one after the "
-        "other, into OUT/<optimiser>/, then print a table of final and best train/test loss and accuracy and write "
-        "it to OUT/comparison.md and OUT/comparison.csv. SETTING is a shipped setting or a folder holding the three "
-        "files.",
-        epilog="shipped settings: " + ", ".join(list_settings()),
+        description=_wrap(
+            "Train the same setting with GN, Adam and SGD (its gn.toml, adam.toml, sgd.toml), one after the "
+            "other, into OUT/<optimiser>/, then print a table of final and best train/test loss and accuracy and write "
+            "it to OUT/comparison.md and OUT/comparison.csv. SETTING is a shipped setting or a folder holding the three "
+            "files."),
+        epilog=_wrap("shipped settings: " + ", ".join(list_settings())),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("setting", metavar="SETTING", help="shipped setting (e.g. mnist-fullbatch-cpu) or a folder")
     p.add_argument("--out", metavar="DIR", help="folder for the runs and tables (default runs/compare-<setting>-<time>)")

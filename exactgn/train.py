@@ -708,17 +708,26 @@ def cli_overrides(args: argparse.Namespace) -> list[str]:
     return extra
 
 
+def _wrap(text: str) -> str:
+    import textwrap
+
+    return textwrap.fill(text, 79, break_on_hyphens=False)
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from .config import list_experiments
+    from .config import list_experiments, list_settings
 
     p = sub.add_parser(
         "train",
         help="train one run (GN, Adam or SGD) from a TOML config",
-        description="Train one run as the TOML file CONFIG says, into a new folder runs/<name>-<optimiser>-<time>/ "
-        "(or --out DIR): config.toml, meta.json, steps.csv/jsonl, epochs.csv/jsonl, checkpoints/ "
-        "(see docs/run-folder.md). CONFIG is a path or a shipped experiment name such as mnist-fullbatch/gn. "
-        "Ctrl-C saves a checkpoint; --resume RUN_DIR continues it.",
-        epilog="shipped experiments: " + ", ".join(list_experiments()),
+        description=_wrap(
+            "Train one run as the TOML file CONFIG says, into a new folder runs/<name>-<optimiser>-<time>/ "
+            "(or --out DIR): config.toml, meta.json, steps.csv/jsonl, epochs.csv/jsonl, checkpoints/ "
+            "(see docs/run-folder.md). CONFIG is a path or a shipped experiment name such as mnist-fullbatch/gn. "
+            "Ctrl-C saves a checkpoint; --resume RUN_DIR continues it."),
+        epilog=_wrap("shipped experiments: SETTING/gn, SETTING/adam and SETTING/sgd for SETTING in "
+                     + ", ".join(list_settings()) + f" ({len(list_experiments())} files)"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", nargs="?", metavar="CONFIG", help="TOML file or shipped experiment name")
     p.add_argument("--out", metavar="DIR", help="run folder to create (must not exist or be empty)")
