@@ -209,8 +209,9 @@ def format_table(results: dict[str, object]) -> str:
         )
     if results["settings"]["least_squares_right"]:
         lines.append("")
-        lines.append("Note: the batch exceeds the rank bound of the identity first block, so the right step is the "
-                     "least-squares one (eigen-solve), not the exact Cholesky one.")
+        lines.append("Note: the batch exceeds the rank bound of the identity first block (d/2 + 1), so its half-layers "
+                     "take the exact least-squares step (least_squares=True, column-Gram solves) and J·Δθ = v "
+                     "holds only in the other blocks.")
     return "\n".join(lines)
 
 

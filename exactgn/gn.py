@@ -61,10 +61,27 @@ class GNResult:
 
 
 # ---------------------------------------------------------------------------- shared pieces
-def activation_gram(record: HalfLayerRecord) -> Tensor:
-    """``K_j = A_j A_jᵀ`` (``B × B``) with ``A_j = [φ(u C), 1]`` (the ones column only with a bias)."""
+GRAM_CHUNKS = 8  # row chunks of the lower-triangle Grams (more chunks: less work, smaller products)
+
+
+def _chunk_edges(batch: int) -> list[int]:
+    return torch.linspace(0, batch, min(GRAM_CHUNKS, batch) + 1).round().long().tolist()
+
+
+def activation_gram(record: HalfLayerRecord, *, lower: bool = False) -> Tensor:
+    """``K_j = A_j A_jᵀ`` (``B × B``) with ``A_j = [φ(u C), 1]`` (the ones column only with a bias).
+
+    ``lower=True`` computes only the lower block triangle, in row chunks of whole samples (about 45% less work);
+    the strictly upper part of the result is then meaningless, which is all a Cholesky factorisation needs.
+    """
     feats = record.features
-    gram = feats @ feats.T
+    if lower:
+        gram = feats.new_zeros(feats.shape[0], feats.shape[0])
+        edges = _chunk_edges(feats.shape[0])
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            torch.mm(feats[lo:hi], feats[:hi].T, out=gram[lo:hi, :hi])
+    else:
+        gram = feats @ feats.T
     if record.layer.bias is not None:
         gram += 1.0
     return gram
@@ -79,6 +96,49 @@ def _param_step(record: HalfLayerRecord, coeffs: Tensor) -> dict[str, Tensor]:
     if record.layer.bias is not None:
         out[f"{record.name}.bias"] = coeffs.sum(0)
     return out
+
+
+def _with_ones(x: Tensor, bias: bool) -> Tensor:
+    return torch.cat([x, x.new_ones(x.shape[0], 1)], 1) if bias else x
+
+
+def _least_squares_step(
+    record: HalfLayerRecord, rhs: Tensor, solve_dtype: torch.dtype | None
+) -> tuple[dict[str, Tensor], SolveInfo]:
+    """``ΔΘ = (A⁺ R)ᵀ`` for a batch larger than the rank of ``A``: the exact least-squares, minimum-norm step.
+
+    ``A`` then has full column rank, or (identity activation, ``h > n``) factors as ``A = X E`` with
+    ``X = [u, 1]`` (``B × (n+1)``, full column rank) and ``E = diag(C, 1)`` (full row rank), so that
+    ``A⁺ = E⁺ X⁺``. Either way the solve is with a small column Gram instead of the singular ``B × B`` one.
+    """
+    layer, bias = record.layer, record.layer.bias is not None
+    name = record.name
+    factored = layer.activation == "identity" and layer.proj is not None and layer.width > layer.n
+    cols = _with_ones(record.inputs if factored else record.features, bias)  # X or A: B × c, full column rank
+    coef, info = gram_solve(cols.T @ cols, cols.T @ rhs, solve_dtype=solve_dtype, warn=False,
+                            what=f"{name} column Gram")
+    info = SolveInfo(f"{info.method}-columns", info.size, info.rank)
+    top = coef[: coef.shape[0] - 1] if bias else coef  # (c or n) × n_out
+    if factored:  # E⁺ = diag(Cᵀ(CCᵀ)⁻¹, 1): map the n input coefficients to the h features
+        proj = layer.proj
+        top = torch.linalg.solve(proj @ proj.T, top)  # (CCᵀ)⁻¹ S, then ΔW = ((Cᵀ ·)ᵀ) = Sᵀ(CCᵀ)⁻¹C
+        out = {f"{name}.weight": top.T @ proj}
+    else:
+        out = {f"{name}.weight": top.T}
+    if bias:
+        out[f"{name}.bias"] = coef[-1]
+    return out, info
+
+
+def _half_layer_step(
+    record: HalfLayerRecord, rhs: Tensor, reg: Regularisation, solve_dtype: torch.dtype | None, warn: bool
+) -> tuple[dict[str, Tensor], SolveInfo]:
+    """``(A⁺ R)ᵀ`` (regularised) for one half-layer, by the cheapest exact route."""
+    if reg.exact and rhs.shape[0] > record.layer.rank_bound:
+        return _least_squares_step(record, rhs, solve_dtype)
+    coeffs, info = gram_solve(activation_gram(record, lower=True), rhs, reg, solve_dtype=solve_dtype,
+                              lower_only=True, warn=warn, what=f"{record.name} activation Gram")
+    return _param_step(record, coeffs), info
 
 
 def _split(model: RevMLP, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -107,18 +167,18 @@ def output_cotangents(model: RevMLP, records: list[HalfLayerRecord]) -> list[Ten
     return cotangents
 
 
-def _ntk_lower(records: list[HalfLayerRecord], cotangents: list[Tensor], chunks: int = 8) -> Tensor:
+def _ntk_lower(records: list[HalfLayerRecord], cotangents: list[Tensor]) -> Tensor:
     """Lower triangle of ``JJᵀ = Σ_j (K_j ⊗ 1_{k×k}) ∘ (M_j M_jᵀ)``, ``Bk × Bk``.
 
-    Row ``i·k + c``. The strictly upper triangle is zero: a Cholesky or eigen-solve reads only the
-    lower triangle, and computing it in row chunks (whole samples each) saves about 40% of the work.
+    Row ``i·k + c``. Only the lower triangle is meaningful (a Cholesky or eigen-solve reads nothing else);
+    computing the lower block triangle in row chunks of whole samples saves about 45% of the work.
     """
     k, batch, n = cotangents[0].shape
     size = batch * k
     ntk = cotangents[0].new_zeros(size, size)
-    edges = torch.linspace(0, batch, min(chunks, batch) + 1).round().long().tolist()
+    edges = _chunk_edges(batch)
     for rec, m in zip(records, cotangents):
-        gram = activation_gram(rec)
+        gram = activation_gram(rec, lower=True)
         if m.stride(1) == 0:  # the same cotangent for every sample (the last half-layer): a k × k Gram
             per_class = m[:, 0] @ m[:, 0].T
             for lo, hi in zip(edges[:-1], edges[1:]):
@@ -130,9 +190,6 @@ def _ntk_lower(records: list[HalfLayerRecord], cotangents: list[Tensor], chunks:
             block = rows[lo * k : hi * k] @ rows[: hi * k].T
             block.view(hi - lo, k, hi, k).mul_(gram[lo:hi, None, :hi, None])
             ntk[lo * k : hi * k, : hi * k] += block
-    for lo, hi in zip(edges[:-1], edges[1:]):  # diagonal blocks were computed whole: clear their upper part
-        diag = ntk[lo * k : hi * k, lo * k : hi * k]
-        diag.copy_(torch.tril(diag))
     return ntk
 
 
@@ -151,14 +208,13 @@ def _right_inverse(
     d_a, d_b = _split(model, v @ model.readout.T)
     for l in reversed(range(model.num_blocks)):
         rec_f, rec_g = records[2 * l], records[2 * l + 1]
-        coeffs, info = gram_solve(activation_gram(rec_f), d_a, reg, solve_dtype=solve_dtype, warn=warn, what=f"{rec_f.name} activation Gram")
-        direction.update(_param_step(rec_f, coeffs))
-        block_solves = [info]
+        step, info_f = _half_layer_step(rec_f, d_a, reg, solve_dtype, warn)
+        direction.update(step)
         # G must produce what is left of δb' once the change δa' of its input is accounted for.
         d_b = d_b - rec_g.layer.jvp(d_a, rec_g.mask)
-        coeffs, info = gram_solve(activation_gram(rec_g), d_b, reg, solve_dtype=solve_dtype, warn=warn, what=f"{rec_g.name} activation Gram")
-        direction.update(_param_step(rec_g, coeffs))
-        solves[:0] = block_solves + [info]
+        step, info_g = _half_layer_step(rec_g, d_b, reg, solve_dtype, warn)
+        direction.update(step)
+        solves[:0] = [info_f, info_g]
         if l > 0:  # the input change of this block that the blocks below must realise
             d_a = d_a - rec_f.layer.jvp(d_b, rec_f.mask)
     scale = 1.0 / model.num_blocks

@@ -77,8 +77,8 @@ def gram_solve(
     """Solve ``(K + damping·I) S = R`` for a PSD Gram ``K`` (``n × n``) and ``R`` (``n × m``), regularised.
 
     ``solve_dtype`` (e.g. ``torch.float64``) is the precision of the factorisation; ``S`` comes back in
-    ``R``'s dtype. ``lower_only``: only the lower triangle of ``gram`` is filled, the strictly upper part is
-    zero. ``warn``: warn when the unregularised solve falls back to least squares; ``what`` names the matrix.
+    ``R``'s dtype. ``lower_only``: only the lower triangle of ``gram`` is meaningful (the strictly upper part
+    may hold anything). ``warn``: warn when the unregularised solve falls back to least squares; ``what`` names the matrix.
 
     A Cholesky factorisation can succeed on a numerically singular Gram and return a meaningless ``S``, so the
     unregularised solve is accepted only when its residual ``‖K S − R‖`` is below ``√(2u)·‖R‖``, with ``u``
@@ -125,7 +125,8 @@ def gram_solve(
 
 
 def _symmetric_matmul(sym: Tensor, x: Tensor, lower_only: bool) -> Tensor:
-    """``K x`` for symmetric ``K``; with ``lower_only`` only its lower triangle is stored (upper part zero)."""
+    """``K x`` for symmetric ``K``; with ``lower_only`` only its lower triangle is read."""
     if not lower_only:
         return sym @ x
-    return sym @ x + sym.T @ x - sym.diagonal()[:, None] * x
+    low = torch.tril(sym)
+    return low @ x + low.T @ x - sym.diagonal()[:, None] * x

@@ -25,12 +25,14 @@ __all__ = ["HalfLayer", "CouplingBlock", "RevMLP", "HalfLayerRecord"]
 class HalfLayerRecord:
     """What one half-layer saw in a forward pass; enough for every GN computation.
 
+    inputs: ``B × n``, the half of the state the half-layer reads (``u``).
     features: ``B × width``, ``φ(u C)`` (the activation matrix ``A`` without its column of ones).
     mask: ``B × width`` boolean ReLU mask ``u C > 0``, or ``None`` for the identity activation.
     """
 
     layer: "HalfLayer"
     name: str
+    inputs: Tensor
     features: Tensor
     mask: Tensor | None
 
@@ -297,10 +299,10 @@ class RevMLP(nn.Module):
         names = iter(self.half_layer_names())
         for block in self.blocks:
             feats, mask = block.f.features(b)
-            records.append(HalfLayerRecord(block.f, next(names), feats, mask))
+            records.append(HalfLayerRecord(block.f, next(names), b, feats, mask))
             a = a + block.f.apply_features(feats)
             feats, mask = block.g.features(a)
-            records.append(HalfLayerRecord(block.g, next(names), feats, mask))
+            records.append(HalfLayerRecord(block.g, next(names), a, feats, mask))
             b = b + block.g.apply_features(feats)
         return torch.cat([a, b], dim=1) @ self.readout, records
 

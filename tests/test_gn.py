@@ -197,15 +197,26 @@ def test_regularised_pinv_step_matches_explicit_svd(rng, reg):
     assert relative(flat(res.direction, model), ref) <= 1e-8
 
 
-@pytest.mark.parametrize("reg", [dict(rtol=0.05), dict(atol=0.3), dict(damping=0.5), dict(), dict(lstsq=True)])
+@pytest.mark.parametrize(
+    "reg", [dict(rtol=0.05), dict(atol=0.3), dict(damping=0.5), dict(), dict(lstsq="tall"), dict(lstsq="factored")]
+)
 def test_single_block_right_step_matches_explicit_pseudo_inverses(rng, reg):
-    """For L = 1, J♭v is (A_F⁺ δa')ᵀ and (A_G⁺ (δb' − (∂G/∂a')δa'))ᵀ, built here from explicit SVDs."""
-    lstsq = reg.pop("lstsq", False)
-    batch = 11 if lstsq else 6  # 11 > h + 1 = 9: least squares in both half-layers
-    model, x, y = (draw(rng, batch, hidden=8, bias=True, num_blocks=1) if not lstsq
-                   else (random_model(rng, in_features=D, num_classes=K, num_blocks=1, hidden=8),
-                         torch.randn(batch, D, generator=rng, dtype=F64), torch.randint(0, K, (batch,), generator=rng)))
-    res = exactgn.compute_direction(model, x, y, inverse="right", least_squares=lstsq, **reg)
+    """For L = 1, J♭v is (A_F⁺ δa')ᵀ and (A_G⁺ (δb' − (∂G/∂a')δa'))ᵀ, built here from explicit SVDs.
+
+    ``lstsq``: batches above the rank bound with ``least_squares=True``: "tall" (h = 8 < d/2: A has more rows
+    than columns), "factored" (h = 20 > d/2 = 12: A = [uC, 1] has rank 13 < 16 rows and 21 columns).
+    """
+    lstsq = reg.pop("lstsq", None)
+    hidden, batch = {None: (8, 6), "tall": (8, 11), "factored": (20, 16)}[lstsq]
+    if lstsq is None:
+        model, x, y = draw(rng, batch, hidden=hidden, bias=True, num_blocks=1)
+    else:
+        model = random_model(rng, in_features=D, num_classes=K, num_blocks=1, hidden=hidden)
+        x = torch.randn(batch, D, generator=rng, dtype=F64)
+        y = torch.randint(0, K, (batch,), generator=rng)
+    res = exactgn.compute_direction(model, x, y, inverse="right", least_squares=lstsq is not None, **reg)
+    if lstsq is not None:
+        assert all(s.method == "cholesky-columns" for s in res.solves)
     a_f, a_g = _activations(model, x)
 
     def pinv(a):
