@@ -129,6 +129,15 @@ def test_callbacks_write_diagnostics(tmp_path):
 
 
 # ---------------------------------------------------------------------------- resume and Ctrl-C
+@pytest.fixture
+def default_sigint():
+    """Python's own SIGINT handler for the test (other libraries, e.g. Ray Tune, may leave theirs installed):
+    the training loop takes Ctrl-C over only from the default handler."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _interrupt_at(monkeypatch, global_step: int, *, hard: bool = False) -> None:
     """Make the ``global_step``-th step send SIGINT to this process (a real Ctrl-C), or raise KeyboardInterrupt
     from inside the step (``hard``: as a second Ctrl-C would)."""
@@ -147,7 +156,7 @@ def _interrupt_at(monkeypatch, global_step: int, *, hard: bool = False) -> None:
 
 
 @pytest.mark.parametrize("opt", ["gn", "adam", "sgd"])
-def test_ctrl_c_mid_epoch_then_resume_is_bit_identical(tmp_path, monkeypatch, opt):
+def test_ctrl_c_mid_epoch_then_resume_is_bit_identical(tmp_path, monkeypatch, opt, default_sigint):
     extra = {"gn": ["optim.gn.noise=0.1"], "adam": [], "sgd": ["optim.sgd.momentum=0.9"]}[opt]
     cfg = tiny(opt, epochs=3, overrides=["data.augment=true", "train.checkpoint_every=2"] + extra)
     whole = T.train(cfg, tmp_path / "whole", progress=False)
@@ -169,7 +178,7 @@ def test_ctrl_c_mid_epoch_then_resume_is_bit_identical(tmp_path, monkeypatch, op
     assert strip(read_rows(whole / "epochs.csv")) == strip(read_rows(part / "epochs.csv"))
 
 
-def test_hard_interrupt_keeps_the_last_checkpoint_and_resumes_identically(tmp_path, monkeypatch):
+def test_hard_interrupt_keeps_the_last_checkpoint_and_resumes_identically(tmp_path, monkeypatch, default_sigint):
     cfg = tiny("gn", epochs=3, overrides=["train.checkpoint_every=2"])
     whole = T.train(cfg, tmp_path / "whole", progress=False)
     with monkeypatch.context() as m:
