@@ -102,40 +102,42 @@ def _with_ones(x: Tensor, bias: bool) -> Tensor:
     return torch.cat([x, x.new_ones(x.shape[0], 1)], 1) if bias else x
 
 
-def _least_squares_step(
-    record: HalfLayerRecord, rhs: Tensor, solve_dtype: torch.dtype | None
+def _column_step(
+    record: HalfLayerRecord, rhs: Tensor, reg: Regularisation, solve_dtype: torch.dtype | None
 ) -> tuple[dict[str, Tensor], SolveInfo]:
-    """``ΔΘ = (A⁺ R)ᵀ`` for a batch larger than the rank of ``A``: the exact least-squares, minimum-norm step.
+    """``ΔΘ = (A⁺ R)ᵀ`` through a small column Gram, for a batch larger than the rank bound of ``A``.
 
-    ``A`` then has full column rank, or (identity activation, ``h > n``) factors as ``A = X E`` with
-    ``X = [u, 1]`` (``B × (n+1)``, full column rank) and ``E = diag(C, 1)`` (full row rank), so that
-    ``A⁺ = E⁺ X⁺``. Either way the solve is with a small column Gram instead of the singular ``B × B`` one.
+    ``A`` (``B × (h+1)``) is replaced by a matrix ``M`` (``B × c``, ``c`` = the rank bound) with the same
+    singular values and ``A⁺ = P M⁺`` for a map ``P`` with orthonormal columns: ``M = A`` when ``A`` has at most
+    ``c`` columns; for the identity activation with ``h > n``, ``A = [u, 1]·diag(C, 1) = [u L, 1]·diag(Q, 1)``
+    with ``C = L Q`` (:meth:`HalfLayer.proj_lq`), so ``M = [u L, 1]`` and ``P = diag(Qᵀ, 1)``. The regularised
+    ``M⁺R = (MᵀM + λI)⁻¹MᵀR`` (or truncated) is then a ``c × c`` solve, and its singular-value cut-offs mean
+    what they mean for ``A``. A rank-deficient ``M`` (constant pixels, dead features) gets the minimum-norm
+    least-squares answer from the eigen-solve fall-back.
     """
-    layer, bias = record.layer, record.layer.bias is not None
-    name = record.name
+    layer, bias, name = record.layer, record.layer.bias is not None, record.name
     factored = layer.activation == "identity" and layer.proj is not None and layer.width > layer.n
-    cols = _with_ones(record.inputs if factored else record.features, bias)  # X or A: B × c, full column rank
-    coef, info = gram_solve(cols.T @ cols, cols.T @ rhs, solve_dtype=solve_dtype, warn=False,
-                            what=f"{name} column Gram")
-    info = SolveInfo(f"{info.method}-columns", info.size, info.rank)
-    top = coef[: coef.shape[0] - 1] if bias else coef  # (c or n) × n_out
-    if factored:  # E⁺ = diag(Cᵀ(CCᵀ)⁻¹, 1): map the n input coefficients to the h features
-        proj = layer.proj
-        top = torch.linalg.solve(proj @ proj.T, top)  # (CCᵀ)⁻¹ S, then ΔW = ((Cᵀ ·)ᵀ) = Sᵀ(CCᵀ)⁻¹C
-        out = {f"{name}.weight": top.T @ proj}
+    if factored:
+        lower, q = layer.proj_lq()
+        cols = _with_ones(record.inputs @ lower, bias)
     else:
-        out = {f"{name}.weight": top.T}
+        cols = _with_ones(record.features, bias)
+    coef, info = gram_solve(cols.T @ cols, cols.T @ rhs, reg, solve_dtype=solve_dtype, warn=False,
+                            what=f"{name} column Gram")
+    top = coef[:-1] if bias else coef
+    out = {f"{name}.weight": top.T @ q if factored else top.T}
     if bias:
         out[f"{name}.bias"] = coef[-1]
-    return out, info
+    return out, SolveInfo(f"{info.method}-columns", info.size, info.rank)
 
 
 def _half_layer_step(
     record: HalfLayerRecord, rhs: Tensor, reg: Regularisation, solve_dtype: torch.dtype | None, warn: bool
 ) -> tuple[dict[str, Tensor], SolveInfo]:
-    """``(A⁺ R)ᵀ`` (regularised) for one half-layer, by the cheapest exact route."""
-    if reg.exact and rhs.shape[0] > record.layer.rank_bound:
-        return _least_squares_step(record, rhs, solve_dtype)
+    """``(A⁺ R)ᵀ`` (regularised) for one half-layer: the ``B × B`` Gram while ``A`` can have full row rank,
+    else the smaller column Gram (a least-squares step)."""
+    if rhs.shape[0] > record.layer.rank_bound:
+        return _column_step(record, rhs, reg, solve_dtype)
     coeffs, info = gram_solve(activation_gram(record, lower=True), rhs, reg, solve_dtype=solve_dtype,
                               lower_only=True, warn=warn, what=f"{record.name} activation Gram")
     return _param_step(record, coeffs), info

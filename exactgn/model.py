@@ -66,6 +66,22 @@ class HalfLayer(nn.Module):
         cols = self.width if self.activation == "relu" else min(self.width, self.n)
         return cols + (1 if self.bias is not None else 0)
 
+    def proj_lq(self) -> tuple[Tensor, Tensor]:
+        """``C = L Q`` with ``L`` (``n × n``, lower triangular) and ``Q`` (``n × h``, orthonormal rows); ``h ≥ n``.
+
+        Cached until ``proj`` is modified or moved (``C`` is fixed, so normally it is computed once).
+        """
+        proj = self.proj
+        if proj is None or self.width < self.n:
+            raise ValueError(f"proj_lq needs a bottleneck at least as wide as its input (h={self.width}, n={self.n})")
+        key = (proj.data_ptr(), proj._version, proj.dtype, proj.device)
+        cached = getattr(self, "_lq_cache", None)
+        if cached is None or cached[0] != key:
+            q, r = torch.linalg.qr(proj.T)  # Cᵀ = Q̃ R̃  →  C = R̃ᵀ Q̃ᵀ
+            cached = (key, r.T, q.T)
+            self._lq_cache = cached
+        return cached[1], cached[2]
+
     def preactivation(self, u: Tensor) -> Tensor:
         """``u C`` (or ``u`` without a bottleneck): ``B × n → B × width``."""
         return u if self.proj is None else u @ self.proj
