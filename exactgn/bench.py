@@ -48,8 +48,9 @@ class BenchConfig:
 def step_flops(features: int, hidden: int | None, blocks: int, batch: int, classes: int) -> dict[str, float]:
     """Floating-point operations (multiply and add counted separately) of each step, as implemented.
 
-    Counts the matrix products, Gram matrices and factorisations; elementwise work is left out. The
-    minimum-norm Gram is counted as exactgn computes it: the lower block triangle in 8 row chunks.
+    Counts the matrix products, Gram matrices and factorisations; elementwise work is left out. Grams are
+    counted as exactgn computes them (the lower block triangle in 8 row chunks), and half-layers whose batch
+    exceeds their rank bound by their column-Gram least-squares route.
     """
     n, B, k, L = features // 2, batch, classes, blocks
     w = n if hidden is None else hidden
@@ -62,13 +63,23 @@ def step_flops(features: int, hidden: int | None, blocks: int, batch: int, class
     # which needs no gradient, so it has only its weight gradient.
     backward = hl * (4 * B * n * w + proj) - proj - 2 * B * n * w + readout
     adam = forward + backward
-    gram = 2 * B * B * w
-    chol = B**3 / 3 + 2 * B * B * n  # factor + two triangular solves with n right-hand sides
+    q = min(8, B)
+    tri = (q + 1) / (2 * q)  # share of a Gram's blocks in its lower block triangle (row chunks)
+    gram = 2 * B * B * w * tri + B * B  # K = φφᵀ (+1)
     param_step = 2 * B * n * w
     jvp = proj + 2 * B * w * n
-    right = forward + hl * (gram + chol + param_step) + (hl - 1) * jvp + 2 * B * k * features
-    q = min(8, B)
-    tri = (q + 1) / (2 * q)  # share of the Gram's blocks in its lower block triangle
+    row_solve = gram + B**3 / 3 + 4 * B * B * n + param_step  # Gram, Cholesky, solve + residual, ΔΘ
+    # Half-layers whose batch exceeds their rank bound take the column route (see gn._column_step).
+    bounds = [((min(w, n) if l == 0 else w) + 1, l == 0) for l in range(L) for _ in (0, 1)]
+    right_solves = 0.0
+    for c, identity in bounds:
+        if B <= c:
+            right_solves += row_solve
+        else:
+            factored = identity and hidden is not None and w > n
+            right_solves += (2 * B * n * n if factored else 0) + 2 * B * c * c + 2 * B * c * n + c**3 / 3 \
+                + 2 * c * c * n + (2 * n * n * w if factored else 0)
+    right = forward + right_solves + (hl - 1) * jvp + 2 * B * k * features
     vjp = k * jvp
     mmt = (hl - 1) * 2 * (B * k) ** 2 * n * tri
     size = B * k
