@@ -279,9 +279,12 @@ def _run_sequential(spec_path: Path, out: Path, trials: list[Trial], progress: b
 
 
 def _run_ray(spec: SweepSpec, spec_path: Path, out: Path, trials: list[Trial], progress: bool) -> list[dict[str, Any]]:
+    import signal
+
     import ray
     from ray import tune
 
+    sigint = signal.getsignal(signal.SIGINT)  # Ray installs its own handler; give Ctrl-C back afterwards
     started = False
     if not ray.is_initialized():
         kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=progress, configure_logging=False)
@@ -310,6 +313,7 @@ def _run_ray(spec: SweepSpec, spec_path: Path, out: Path, trials: list[Trial], p
     finally:
         if started:
             ray.shutdown()
+        signal.signal(signal.SIGINT, sigint)
     from .compare import summarise_run
 
     return [{**summarise_run(out / t.name), "trial": t.name, "overrides": _describe(t.overrides)} for t in trials]
