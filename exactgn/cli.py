@@ -8,7 +8,15 @@ import os
 import sys
 
 # Sub-command modules; each defines ``add_parser(subparsers)`` that sets ``func`` on its parser.
-COMMAND_MODULES = ("exactgn.bench", "exactgn.diagnostics", "exactgn.train", "exactgn.report", "exactgn.compare", "exactgn.demo", "exactgn.sweep")
+COMMAND_MODULES = (
+    "exactgn.demo",
+    "exactgn.train",
+    "exactgn.compare",
+    "exactgn.diagnostics",
+    "exactgn.report",
+    "exactgn.sweep",
+    "exactgn.bench",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
