@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "exactgn.diagnostics",
     "exactgn.report",
     "exactgn.sweep",
+    "exactgn.study",
     "exactgn.bench",
 )
 

@@ -84,6 +84,10 @@ class ModelConfig:
     bias: bool = True
     init_std: float = 1e-3
     dtype: str = "float32"  # float32 | float64
+    # Start from the weights of an earlier run instead of a fresh draw: a checkpoint file
+    # (RUN/checkpoints/last.pt or epoch_NNNN.pt) or a run folder (its checkpoints/last.pt); "" = fresh init.
+    # The optimiser starts fresh; seed still drives the data order. See exactgn.train.load_init_weights.
+    init_from: str = ""
 
 
 @dataclass
@@ -303,6 +307,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     device = cfg.train.device
     if not (device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise ConfigError(f"train.device: expected auto, cpu, cuda, cuda:N or mps, got {device!r}")
+    if cfg.model.init_from != cfg.model.init_from.strip():
+        raise ConfigError(f"model.init_from: the path has surrounding spaces: {cfg.model.init_from!r}")
     if not cfg.name or any(c in cfg.name for c in "/\\") or cfg.name.strip() != cfg.name:
         raise ConfigError(f"name: must be a non-empty name without slashes or surrounding spaces, got {cfg.name!r}")
     return cfg

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as _dt
+import hashlib
 import math
 import os
 import platform
@@ -54,6 +56,8 @@ __all__ = [
     "train",
     "build_model",
     "build_optimizer",
+    "resolve_init_from",
+    "load_init_weights",
     "resolve_device",
     "evaluate",
     "new_run_dir",
@@ -114,6 +118,87 @@ def build_model(cfg: RunConfig, features: int, num_classes: int) -> RevMLP:
         features, num_classes, m.blocks, m.hidden if m.bottleneck else None, bias=m.bias, init_std=m.init_std,
         seed=cfg.seed, dtype=_DTYPES[m.dtype],
     )
+
+
+# Architecture keys of RevMLP.config() that must agree for weights to be loaded, and the config keys that set them.
+_ARCH_KEYS = {
+    "in_features": "the dataset (data.dataset: d = 784 for MNIST, 3072 for CIFAR-10)",
+    "num_classes": "the dataset (data.dataset)",
+    "num_blocks": "model.blocks",
+    "hidden": "model.hidden / model.bottleneck",
+    "bias": "model.bias",
+}
+
+
+def resolve_init_from(path: str | os.PathLike) -> Path:
+    """The checkpoint file that ``model.init_from = path`` names: the file itself, or a run folder's
+    ``checkpoints/last.pt``; absolute. A clear error when there is none."""
+    given = Path(path).expanduser()
+    resolved = given.resolve()
+    if resolved.is_dir():
+        for candidate in (resolved / "checkpoints" / "last.pt", resolved / "last.pt"):
+            if candidate.is_file():
+                return candidate
+        raise ConfigError(
+            f"model.init_from: {given} is a folder without checkpoints/last.pt; give a run folder whose run has "
+            "started, or a checkpoint file (RUN/checkpoints/last.pt or RUN/checkpoints/epoch_NNNN.pt)")
+    if not resolved.is_file():
+        raise ConfigError(
+            f"model.init_from: {given} does not exist (resolved to {resolved}); give a checkpoint file "
+            "(RUN/checkpoints/last.pt or RUN/checkpoints/epoch_NNNN.pt) or a run folder")
+    return resolved
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_init_weights(model: RevMLP, path: str | os.PathLike) -> dict[str, Any]:
+    """Load the weights (and the fixed bottlenecks and readout) of an earlier run's checkpoint into ``model``.
+
+    ``path``: a checkpoint (``checkpoints/last.pt`` or ``checkpoints/epoch_NNNN.pt``) or a run folder. The
+    checkpoint's architecture (``d``, ``k``, ``L``, ``h``, bias) must be ``model``'s; its dtype may differ (values
+    are cast). Only the model is loaded: no optimiser state, no RNG state. Returns the provenance recorded in
+    ``meta.json`` as ``init_from``: ``path``, ``sha256``, ``epoch``, ``global_step``, ``optimiser``, ``run`` (the
+    source run folder), ``run_name`` and ``dtype``. Raises :class:`ConfigError` naming what is wrong.
+    """
+    file = resolve_init_from(path)
+    try:
+        payload = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+        raise ConfigError(f"model.init_from: cannot read {file} as a checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict) or not isinstance(payload.get("model_config"), dict):
+        raise ConfigError(f"model.init_from: {file} is not an exactgn checkpoint (it needs 'model' and 'model_config'; "
+                          "use RUN/checkpoints/last.pt or RUN/checkpoints/epoch_NNNN.pt)")
+    theirs, ours = payload["model_config"], model.config()
+    differ = [(key, theirs.get(key), ours[key]) for key in _ARCH_KEYS if theirs.get(key) != ours[key]]
+    if differ:
+        detail = "; ".join(f"{key}: checkpoint {a!r}, this config {b!r} (set by {_ARCH_KEYS[key]})" for key, a, b in differ)
+        raise ConfigError(f"model.init_from: the architecture of {file} does not match this run's model: {detail}. "
+                          "Make the config's model (and dataset) match the checkpoint's, or start from another checkpoint")
+    state = payload["model"]
+    expected = model.state_dict()
+    if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
+        raise ConfigError(f"model.init_from: the tensors in {file} do not fit this run's model (names or shapes differ)")
+    with torch.no_grad():
+        model.load_state_dict({k: v.to(dtype=expected[k].dtype) for k, v in state.items()})
+    run = file.parent.parent if file.parent.name == "checkpoints" else file.parent
+    source_cfg = payload.get("config") if isinstance(payload.get("config"), dict) else {}
+    epoch = payload.get("epoch")
+    return {
+        "path": str(file),
+        "sha256": _sha256(file),
+        "epoch": int(epoch) if isinstance(epoch, int) else None,
+        "global_step": payload.get("global_step"),
+        "optimiser": payload.get("optimizer_name") or (source_cfg.get("optim", {}) or {}).get("name"),
+        "run": str(run),
+        "run_name": source_cfg.get("name"),
+        "dtype": str(next(iter(state.values())).dtype).removeprefix("torch.") if state else None,
+    }
 
 
 def build_optimizer(cfg: RunConfig, model: RevMLP) -> torch.optim.Optimizer:
@@ -479,11 +564,13 @@ def _write(text: str) -> None:
     tqdm.write(text, file=sys.stderr)
 
 
-def _config_callbacks(cfg: RunConfig, data: DataSplit) -> list[Any]:
+def _config_callbacks(cfg: RunConfig, data: DataSplit, run_dir: Path) -> list[Any]:
     """Callbacks that the configuration itself asks for.
 
     ``[diagnostics] enabled = true`` asks ``exactgn.diagnostics.make_callback(cfg, data)`` for an
-    :class:`EpochCallback` (the diagnostics module owns the ``[diagnostics]`` keys).
+    :class:`EpochCallback` (the diagnostics module owns the ``[diagnostics]`` keys). For a run that starts from
+    another run's weights (``model.init_from``) the initial model of a resumed run is read back from the run's own
+    ``checkpoints/epoch_0000.pt`` (the configuration's seed does not give it, and the source may have moved).
     """
     if not cfg.diagnostics.enabled:
         return []
@@ -495,7 +582,17 @@ def _config_callbacks(cfg: RunConfig, data: DataSplit) -> list[Any]:
     if factory is None:
         raise ConfigError("diagnostics.enabled: exactgn.diagnostics has no make_callback(cfg, data) in this version; "
                           "set diagnostics.enabled = false")
-    return [factory(cfg, data)]
+    callback = factory(cfg, data)
+    if cfg.model.init_from and hasattr(callback, "init_model"):
+        first = run_dir / "checkpoints" / "epoch_0000.pt"
+
+        def init_model() -> RevMLP:
+            from .diagnostics import load_checkpoint_model  # noqa: PLC0415
+
+            return load_checkpoint_model(first)[0]
+
+        callback.init_model = init_model
+    return [callback]
 
 
 def _prepare_new(cfg: RunConfig, out_dir: str | os.PathLike | None) -> Path:
@@ -551,6 +648,9 @@ def train(
             raise ValueError("train(): a config is needed unless resume=RUN_DIR is given")
         if overrides:
             cfg = from_dict(apply_overrides(to_dict(cfg), overrides))
+        if cfg.model.init_from:  # record the absolute checkpoint path, so that config.toml reruns from anywhere
+            init_file = resolve_init_from(cfg.model.init_from)
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=str(init_file)))
         run_dir = _prepare_new(cfg, out_dir)
         meta, payload = {}, None
 
@@ -563,11 +663,13 @@ def train(
         subset=cfg.data.subset, subset_seed=cfg.data.subset_seed, download=cfg.data.download, dtype=dtype,
     )
     data = DataSplit(data.name, data.train.to(device), data.test.to(device), data.classes, data.source)
-    model = build_model(cfg, data.features, data.num_classes).to(device)
+    model = build_model(cfg, data.features, data.num_classes)
+    init_source = load_init_weights(model, cfg.model.init_from) if cfg.model.init_from and payload is None else None
+    model = model.to(device)
     batch = len(data.train) if cfg.train.batch_size == 0 else min(cfg.train.batch_size, len(data.train))
     _check_gn_sizes(cfg, model, batch)
     optimizer = build_optimizer(cfg, model)
-    all_callbacks = list(callbacks) + _config_callbacks(cfg, data)
+    all_callbacks = list(callbacks) + _config_callbacks(cfg, data, run_dir)
 
     # Seeds: the model draws its own from cfg.seed; these cover GN noise, augmentation and user callbacks.
     data_gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -590,6 +692,8 @@ def train(
             "train_size": len(data.train), "test_size": len(data.test), "batch_size": batch,
             "steps_per_epoch": None, "message": None, "resumed": [],
         }
+        if init_source is not None:
+            meta["init_from"] = init_source
         write_config(cfg, run_dir / "config.toml", header)
         log = RunLog(run_dir)
     else:

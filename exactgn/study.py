@@ -1,0 +1,554 @@
+"""``exactgn study STUDY``: the appendix studies of the reference paper, each one TOML file and one command.
+
+A *study file* is either
+
+* a **sweep file** (it has ``base``; see :mod:`exactgn.sweep`): a grid or random search, run by
+  :func:`exactgn.sweep.run_sweep` into ``OUT/trial-NNN``; or
+* a **list of runs** (``[[run]]`` tables), run one after the other into ``OUT/<run name>/``, where a run may start
+  from the weights of an earlier run of the same study (switching optimiser mid-run)::
+
+    name = "switch-optimiser-cpu"
+    description = "Adam for 5 epochs, then GN from Adam's weights (and the other way round)"
+
+    [set]                                   # overrides for every run (optional)
+    "train.keep_checkpoints" = true
+
+    [[run]]
+    name = "adam"                           # the run's folder: OUT/adam
+    config = "mnist-minibatch-cpu/adam"     # shipped experiment, or a TOML path relative to this file
+    set = { "train.epochs" = 10 }           # this run's own overrides (optional)
+
+    [[run]]
+    name = "adam-then-gn"
+    config = "mnist-minibatch-cpu/gn"
+    init_from = "adam"                      # an earlier run of this study: start from its weights ...
+    init_epoch = 5                          # ... at epoch 5 (its checkpoints/epoch_0005.pt); default: its final weights
+    set = { "train.epochs" = 5 }
+
+``init_from`` sets the run's ``model.init_from`` to the source's checkpoint (weights, fixed bottlenecks and readout;
+a fresh optimiser); the source must finish first, so runs are listed in dependency order. Every run's configuration
+is checked when the file is read (keys, values, matching architectures, the epoch checkpoint being kept), before
+anything trains.
+
+Running the same study again skips finished runs, resumes interrupted ones and starts missing ones; a run folder made
+with a different configuration is an error (choose another ``--out``). When a run diverges or fails, the runs that
+start from it are skipped. ``OUT/study.json`` lists the runs; ``OUT/results.csv`` and ``OUT/results.md`` hold the
+final and best results per run, with ``start_epoch`` (the source epoch a switched run starts from) so that its
+curve can be placed after its source's.
+
+Shipped studies live in ``exactgn/studies/`` (``exactgn study --list``), each as a reference-size file and a
+CPU-sized ``*-cpu`` twin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import difflib
+import io
+import json
+import re
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import ConfigError, RunConfig, find_config, load_config, to_dict, toml_value
+from .runlog import atomic_write_text, read_meta
+
+__all__ = [
+    "STUDIES_DIR",
+    "StudyRun",
+    "StudySpec",
+    "find_study",
+    "list_studies",
+    "study_kind",
+    "load_study",
+    "run_config",
+    "run_study",
+    "add_parser",
+]
+
+STUDIES_DIR = Path(__file__).resolve().parent / "studies"
+
+_TOP_KEYS = {"name", "description", "set", "run"}
+_RUN_KEYS = {"name", "config", "set", "init_from", "init_epoch", "description"}
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# Keys that may differ between a run folder and the study without making it another run (paths, devices, speed).
+_IGNORED_KEYS = ("data.root", "data.download", "train.device", "train.threads", "train.eval_batch_size")
+
+
+@dataclass
+class StudyRun:
+    """One run of a study: its folder name, base config, overrides, and the earlier run it starts from."""
+
+    name: str
+    config: Path
+    overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None
+    init_epoch: int | None = None
+    description: str = ""
+
+
+@dataclass
+class StudySpec:
+    """A parsed list-of-runs study file."""
+
+    name: str
+    path: Path
+    description: str = ""
+    fixed: dict[str, Any] = field(default_factory=dict)
+    runs: list[StudyRun] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------- finding and reading
+def list_studies() -> list[str]:
+    """Names of the shipped studies (``exactgn/studies/<name>.toml``)."""
+    return sorted(p.relative_to(STUDIES_DIR).with_suffix("").as_posix() for p in STUDIES_DIR.rglob("*.toml"))
+
+
+def find_study(name: str | Path) -> Path:
+    """A study file: an existing path, else a shipped study name (``.toml`` optional)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    stem = str(name)[:-5] if str(name).endswith(".toml") else str(name)
+    shipped = STUDIES_DIR / f"{stem}.toml"
+    if shipped.is_file():
+        return shipped
+    names = list_studies()
+    close = difflib.get_close_matches(stem, names, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; shipped studies: {', '.join(names)}"
+    raise ConfigError(f"study {str(name)!r}: no such file, and no shipped study of that name{hint}")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
+def study_kind(path: str | Path) -> str:
+    """``"sweep"`` (the file has ``base``) or ``"runs"`` (it has ``[[run]]`` tables)."""
+    path = find_study(path)
+    data = _read_toml(path)
+    if "base" in data and "run" not in data:
+        return "sweep"
+    if "run" in data and "base" not in data:
+        return "runs"
+    raise ConfigError(f"{path}: a study file has either 'base' (a sweep file, see exactgn sweep --help) or [[run]] "
+                      "tables (a list of runs), not both and not neither")
+
+
+def _fail(path: Path, where: str, message: str) -> ConfigError:
+    return ConfigError(f"{path}: {where}: {message}" if where else f"{path}: {message}")
+
+
+def _config_path(path: Path, value: str) -> Path:
+    """``config`` of a run: a TOML path relative to the study file (or absolute), else a shipped experiment."""
+    candidate = Path(value)
+    if not candidate.is_absolute() and (path.parent / candidate).is_file():
+        return (path.parent / candidate).resolve()
+    return find_config(candidate).resolve()
+
+
+def load_study(path: str | Path, overrides: Sequence[str] | dict[str, Any] = ()) -> StudySpec:
+    """Read and check a list-of-runs study file; ``overrides`` (``KEY=VALUE``) apply to every run, last.
+
+    Every run's configuration is built and validated here, dependencies are checked (the source is an earlier run,
+    architectures match, an ``init_epoch`` checkpoint will be kept), so that mistakes surface before any training.
+    """
+    path = find_study(path).resolve()
+    data = _read_toml(path)
+    if study_kind(path) != "runs":
+        raise _fail(path, "", "this is a sweep file; run it with exactgn study (or exactgn sweep)")
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise _fail(path, "", f"unknown key(s) {unknown}; a study file has {sorted(_TOP_KEYS)}")
+    name = data.get("name")
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise _fail(path, "name", f"must be a name of letters, digits, '-', '_' or '.', got {name!r}")
+    fixed = data.get("set", {})
+    if not isinstance(fixed, dict):
+        raise _fail(path, "[set]", "must be a table of KEY = VALUE overrides")
+    runs_data = data.get("run")
+    if not isinstance(runs_data, list) or not runs_data or not all(isinstance(r, dict) for r in runs_data):
+        raise _fail(path, "", "[[run]] must be one or more tables")
+    spec = StudySpec(name, path, str(data.get("description", "")), dict(fixed))
+    extra = dict(overrides) if isinstance(overrides, dict) else dict(_parse(o) for o in overrides)
+    for i, r in enumerate(runs_data):
+        where = f"run {i + 1}" + (f" ({r['name']})" if isinstance(r.get("name"), str) else "")
+        bad = sorted(set(r) - _RUN_KEYS)
+        if bad:
+            raise _fail(path, where, f"unknown key(s) {bad}; a [[run]] has {sorted(_RUN_KEYS)}")
+        run_name = r.get("name")
+        if not isinstance(run_name, str) or not _NAME_RE.fullmatch(run_name):
+            raise _fail(path, where, f"name must be a folder name of letters, digits, '-', '_' or '.', got {run_name!r}")
+        if any(run.name == run_name for run in spec.runs):
+            raise _fail(path, where, f"the name {run_name!r} is used by an earlier run; names must be unique")
+        if not isinstance(r.get("config"), str) or not r["config"]:
+            raise _fail(path, where, "config must name a shipped experiment (e.g. mnist-minibatch-cpu/gn) or a TOML file")
+        try:
+            config = _config_path(path, r["config"])
+        except ConfigError as exc:
+            raise _fail(path, where, str(exc)) from exc
+        run_set = r.get("set", {})
+        if not isinstance(run_set, dict):
+            raise _fail(path, where, "set must be a table of KEY = VALUE overrides")
+        run = StudyRun(run_name, config, {**fixed, **run_set, **extra}, description=str(r.get("description", "")))
+        if "init_from" in r:
+            source = r["init_from"]
+            earlier = [x.name for x in spec.runs]
+            if not isinstance(source, str) or source not in earlier:
+                hint = f"earlier runs: {', '.join(earlier)}" if earlier else "it is the first run"
+                raise _fail(path, where, f"init_from must name an earlier run of this study ({hint}), got {source!r}; "
+                                         "to start from a checkpoint outside the study, set model.init_from instead")
+            if "model.init_from" in run.overrides:
+                raise _fail(path, where, "give either init_from (an earlier run) or model.init_from (a path), not both")
+            run.init_from = source
+        if "init_epoch" in r:
+            epoch = r["init_epoch"]
+            if run.init_from is None:
+                raise _fail(path, where, "init_epoch needs init_from (the run whose epoch checkpoint to start from)")
+            if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+                raise _fail(path, where, f"init_epoch must be an integer >= 0, got {epoch!r}")
+            run.init_epoch = epoch
+        spec.runs.append(run)
+    # Build every configuration now (errors name the run and the key), then check the dependencies.
+    configs = {}
+    for i, run in enumerate(spec.runs):
+        try:
+            configs[run.name] = run_config(spec, run, check_only=True)
+        except ConfigError as exc:
+            raise _fail(path, f"run {i + 1} ({run.name})", str(exc)) from exc
+    for i, run in enumerate(spec.runs):
+        if run.init_from is not None:
+            _check_dependency(path, f"run {i + 1} ({run.name})", run, configs[run.name], configs[run.init_from])
+    return spec
+
+
+def _parse(text: str) -> tuple[str, Any]:
+    from .config import parse_override
+
+    return parse_override(text)
+
+
+def _check_dependency(path: Path, where: str, run: StudyRun, cfg: RunConfig, source: RunConfig) -> None:
+    """The source run will produce weights this run can load."""
+    if cfg.data.dataset != source.data.dataset:
+        raise _fail(path, where, f"data.dataset is {cfg.data.dataset!r} but the source run {run.init_from!r} trains on "
+                                 f"{source.data.dataset!r}; weights carry over only between runs of the same input size")
+    a, b = cfg.model, source.model
+    for key in ("blocks", "bottleneck", "bias") + (("hidden",) if a.bottleneck else ()):
+        if getattr(a, key) != getattr(b, key):
+            raise _fail(path, where, f"model.{key} is {getattr(a, key)!r} but the source run {run.init_from!r} has "
+                                     f"{getattr(b, key)!r}; a run that starts from another's weights needs its architecture")
+    if run.init_epoch is not None:
+        t = source.train
+        if run.init_epoch > t.epochs:
+            raise _fail(path, where, f"init_epoch = {run.init_epoch} is beyond the {t.epochs} epochs of the source run "
+                                     f"{run.init_from!r}")
+        saved = run.init_epoch in (0, t.epochs) or (t.checkpoint_every > 0 and run.init_epoch % t.checkpoint_every == 0)
+        if run.init_epoch != 0 and not (t.keep_checkpoints and saved):
+            raise _fail(path, where, f"the source run {run.init_from!r} will not keep checkpoints/epoch_{run.init_epoch:04d}.pt: "
+                                     f"give it train.keep_checkpoints = true and a train.checkpoint_every that divides "
+                                     f"{run.init_epoch} (now keep_checkpoints = {toml_value(t.keep_checkpoints)}, "
+                                     f"checkpoint_every = {t.checkpoint_every})")
+
+
+def _source_checkpoint(out: Path, run: StudyRun) -> Path:
+    folder = out / str(run.init_from) / "checkpoints"
+    return folder / ("last.pt" if run.init_epoch is None else f"epoch_{run.init_epoch:04d}.pt")
+
+
+def run_config(spec: StudySpec, run: StudyRun, out: Path | None = None, *, check_only: bool = False) -> RunConfig:
+    """The resolved configuration of ``run``: its config file with the study's and the run's overrides, and, for a
+    run with ``init_from``, ``model.init_from`` set to the source's checkpoint in ``out`` (which must exist unless
+    ``check_only``, where a placeholder stands in)."""
+    overrides = dict(run.overrides)
+    if run.init_from is not None and not check_only:
+        if out is None:
+            raise ValueError("run_config: the study folder is needed for a run with init_from")
+        overrides["model.init_from"] = str(_source_checkpoint(out.resolve(), run))
+    return load_config(run.config, overrides)
+
+
+# ---------------------------------------------------------------------------- running
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _differences(run_dir: Path, cfg: RunConfig) -> list[str]:
+    """Keys whose value in ``run_dir/config.toml`` differs from ``cfg`` (ignoring paths, devices and speed)."""
+    saved = _flat(to_dict(load_config(run_dir / "config.toml")))
+    now = _flat(to_dict(cfg))
+    return [f"{k} = {toml_value(saved.get(k))} there, {toml_value(now[k])} in the study"
+            for k in now if k not in _IGNORED_KEYS and saved.get(k) != now[k]]
+
+
+def _state(run_dir: Path) -> str:
+    """``new``, ``finished``, ``stopped`` (diverged: kept as is), ``resume`` or ``restart`` (no checkpoint)."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return "new"
+    try:
+        status = read_meta(run_dir).get("status")
+    except (FileNotFoundError, ValueError):
+        status = None
+    if status == "finished":
+        return "finished"
+    if status == "diverged":
+        return "stopped"
+    if (run_dir / "checkpoints" / "last.pt").is_file() and (run_dir / "config.toml").is_file():
+        return "resume"
+    return "restart"
+
+
+RESULT_FIELDS = ("run", "init_from", "start_epoch", "optimiser", "status", "epochs", "final_train_loss",
+                 "final_train_accuracy", "final_test_loss", "final_test_accuracy", "best_test_accuracy",
+                 "best_test_accuracy_epoch", "final_mean_loss_change_pct", "wall_time_s", "run_dir")
+
+
+def _result_row(spec: StudySpec, run: StudyRun, run_dir: Path, status: str | None = None) -> dict[str, Any]:
+    from .compare import summarise_run
+
+    row: dict[str, Any] = {"run": run.name, "init_from": run.init_from or "", "run_dir": str(run_dir)}
+    if run.init_from is not None:
+        if run.init_epoch is not None:
+            row["start_epoch"] = run.init_epoch
+        else:
+            source = run_dir.parent / run.init_from
+            row["start_epoch"] = read_meta(source).get("epochs_done") if (source / "meta.json").is_file() else None
+    if (run_dir / "meta.json").is_file() and (run_dir / "epochs.csv").is_file():
+        row.update(summarise_run(run_dir))
+    if status is not None:
+        row["status"] = status
+    return row
+
+
+def _write_results(out: Path, rows: list[dict[str, Any]]) -> None:
+    from .compare import _fmt
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=RESULT_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows([{k: ("" if r.get(k) is None else r.get(k)) for k in RESULT_FIELDS} for r in rows])
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    lines = ["| run | from (epoch) | optimiser | status | epochs | final train loss | final test loss | final test acc % "
+             "| best test acc % (epoch) | loss change % | time s |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        start = f"{r['init_from']} ({r.get('start_epoch')})" if r.get("init_from") else "-"
+        best = _fmt(r.get("best_test_accuracy"), "acc")
+        if r.get("best_test_accuracy_epoch") is not None:
+            best += f" ({r['best_test_accuracy_epoch']})"
+        change = r.get("final_mean_loss_change_pct")
+        lines.append(f"| {r['run']} | {start} | {r.get('optimiser') or '-'} | {r.get('status') or '-'} "
+                     f"| {r.get('epochs') if r.get('epochs') is not None else '-'} "
+                     f"| {_fmt(r.get('final_train_loss'), 'loss')} | {_fmt(r.get('final_test_loss'), 'loss')} "
+                     f"| {_fmt(r.get('final_test_accuracy'), 'acc')} | {best} "
+                     f"| {'-' if change is None else f'{change:.2f}'} | {_fmt(r.get('wall_time_s'), 'time')} |")
+    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
+
+
+def _say(progress: bool, text: str) -> None:
+    if progress:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _run_list(spec: StudySpec, out: Path, progress: bool) -> list[dict[str, Any]]:
+    from .train import train
+
+    out.mkdir(parents=True, exist_ok=True)
+    listing = {
+        "name": spec.name, "study_file": str(spec.path), "description": spec.description,
+        "runs": [{"name": r.name, "config": str(r.config), "overrides": r.overrides, "init_from": r.init_from,
+                  "init_epoch": r.init_epoch} for r in spec.runs],
+    }
+    atomic_write_text(out / "study.json", json.dumps(listing, indent=2) + "\n")
+    rows: list[dict[str, Any]] = []
+    outcome: dict[str, str] = {}
+    for i, run in enumerate(spec.runs, 1):
+        run_dir = out / run.name
+        head = f"[{i}/{len(spec.runs)}] {run.name}"
+        if run.init_from is not None and outcome.get(run.init_from) != "finished":
+            status = f"skipped ({run.init_from} is {outcome.get(run.init_from)})"
+            _say(progress, f"{head}: {status}")
+            outcome[run.name] = "skipped"
+            rows.append(_result_row(spec, run, run_dir, status))
+            continue
+        cfg = run_config(spec, run, out)
+        state = _state(run_dir)
+        if state in ("finished", "stopped", "resume"):
+            diffs = _differences(run_dir, cfg)
+            if diffs:
+                raise ValueError(f"{run_dir} was made with another configuration than the study asks for now "
+                                 f"({'; '.join(diffs[:3])}{' ...' if len(diffs) > 3 else ''}); choose another --out")
+        if state == "restart":  # a folder without checkpoint or config: nothing worth keeping
+            for child in sorted(run_dir.rglob("*"), reverse=True):
+                child.unlink() if child.is_file() or child.is_symlink() else child.rmdir()
+            state = "new"
+        source = f" from {run.init_from}" + (f" epoch {run.init_epoch}" if run.init_epoch is not None else "")
+        if state == "finished":
+            _say(progress, f"{head}: finished earlier, kept")
+        elif state == "stopped":
+            _say(progress, f"{head}: {read_meta(run_dir).get('status')} earlier, kept")
+        elif state == "resume":
+            _say(progress, f"{head}: resuming{source if run.init_from else ''}")
+            train(None, resume=run_dir, progress=progress)
+        else:
+            _say(progress, f"{head}: {cfg.optim.name}, {cfg.train.epochs} epochs{source if run.init_from else ''}")
+            train(cfg, run_dir, progress=progress)
+        outcome[run.name] = read_meta(run_dir).get("status") or "unknown"
+        rows.append(_result_row(spec, run, run_dir))
+    _write_results(out, rows)
+    return rows
+
+
+def run_study(
+    study: str | Path,
+    out: str | Path | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    backend: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Run a study file (shipped name or path) into ``out`` (default ``runs/studies/<name>``); returns that folder.
+
+    A sweep file goes to :func:`exactgn.sweep.run_sweep` (``backend`` applies; ``overrides`` are refused: put them in
+    the sweep's ``[set]``); a list of runs is run in order (``overrides`` apply to every run).
+    """
+    path = find_study(study).resolve()
+    if study_kind(path) == "sweep":
+        if overrides:
+            raise ValueError(f"{path} is a sweep file: --set does not apply to it; put overrides in its [set] table "
+                             "(only --data-root and --device are passed on, through the environment)")
+        from .sweep import load_sweep, run_sweep
+
+        name = load_sweep(path).name
+        return run_sweep(path, Path(out) if out else Path("runs") / "studies" / name, backend=backend, progress=progress)
+    if backend is not None:
+        raise ValueError(f"{path} is a list of runs, which run one after the other: --backend applies to sweep files only")
+    spec = load_study(path, overrides)
+    folder = Path(out) if out else Path("runs") / "studies" / spec.name
+    _run_list(spec, folder, progress)
+    return folder
+
+
+def _config_name(path: Path) -> str:
+    """A shipped experiment's name (``setting/optimiser``), else the path."""
+    from .config import EXPERIMENTS_DIR
+
+    try:
+        return path.resolve().relative_to(EXPERIMENTS_DIR).with_suffix("").as_posix()
+    except ValueError:
+        return str(path)
+
+
+def plan(study: str | Path, overrides: Sequence[str] = ()) -> str:
+    """What :func:`run_study` would run, one line per run or trial (``--dry-run``)."""
+    path = find_study(study).resolve()
+    if study_kind(path) == "sweep":
+        from .sweep import _describe, load_sweep, make_trials
+
+        sweep = load_sweep(path)
+        lines = [f"sweep {sweep.name} ({len(make_trials(sweep))} trials of {sweep.base}): {sweep.description}"]
+        lines += [f"  {t.name}: {_describe(t.overrides)}" for t in make_trials(sweep)]
+        return "\n".join(lines) + "\n"
+    spec = load_study(path, overrides)
+    lines = [f"study {spec.name} ({len(spec.runs)} runs): {spec.description}"]
+    for run in spec.runs:
+        cfg = run_config(spec, run, check_only=True)
+        where = ""
+        if run.init_from:
+            where = f", starting from {run.init_from}'s " + ("final weights" if run.init_epoch is None else f"epoch {run.init_epoch}")
+        sets = ", ".join(f"{k}={toml_value(v)}" for k, v in run.overrides.items())
+        lines.append(f"  {run.name}: {cfg.optim.name} lr {cfg.optim.lr:g}, {cfg.train.epochs} epochs{where} "
+                     f"[{_config_name(run.config)}{'; ' + sets if sets else ''}]")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- CLI
+def _shipped_lines() -> list[str]:
+    lines = []
+    for name in list_studies():
+        path = STUDIES_DIR / f"{name}.toml"
+        try:
+            desc = str(_read_toml(path).get("description", ""))
+            kind = study_kind(path)
+        except ConfigError:
+            desc, kind = "(unreadable)", "?"
+        lines.append(f"  {name:<28} [{kind}] {desc}")
+    return lines
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from .train import _wrap, add_common_options
+
+    p = sub.add_parser(
+        "study",
+        help="run an appendix study (a sweep, or a list of dependent runs such as switching optimiser)",
+        description="\n\n".join([
+            _wrap("Run a study: a shipped one by name (exactgn study --list) or a TOML file. A study file is either a "
+                  "sweep file (base + [grid]/[random], as exactgn sweep reads it: trials go to OUT/trial-NNN) or a list "
+                  "of [[run]] tables run one after the other into OUT/<run name>/; a run with init_from = \"NAME\" "
+                  "starts from the final weights of the earlier run NAME (or, with init_epoch = N, from its "
+                  "checkpoints/epoch_NNNN.pt) with a fresh optimiser: Adam for N epochs then GN, and so on."),
+            _wrap("Rerunning the same command skips finished runs and resumes interrupted ones. OUT/results.csv and "
+                  "OUT/results.md hold final and best results per run (start_epoch: where a switched run starts on "
+                  "its source's epoch axis); exactgn report OUT draws the runs. Default OUT: runs/studies/<name>."),
+        ]),
+        epilog="shipped studies:\n" + "\n".join(_shipped_lines()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("study", nargs="?", metavar="STUDY", help="shipped study name or a TOML file")
+    p.add_argument("--out", metavar="DIR", help="study folder (default runs/studies/<name>); rerun with the same DIR to resume")
+    p.add_argument("--backend", choices=("auto", "ray", "sequential"), help="sweep files only: override the file's backend")
+    p.add_argument("--list", action="store_true", help="list the shipped studies and exit")
+    p.add_argument("--dry-run", action="store_true", help="print the runs (or trials) the study would make, and exit")
+    add_common_options(p)
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    import os
+
+    from .train import TrainingInterrupted, cli_overrides
+
+    if args.list:
+        print("\n".join(_shipped_lines()))
+        return 0
+    if not args.study:
+        raise ValueError("a STUDY is needed: a shipped study name (see exactgn study --list) or a TOML file")
+    overrides = list(args.overrides) + (["data.download=true"] if args.download else [])
+    if study_kind(args.study) == "sweep":
+        # Sweep trials read the data root and device from the environment / their own config.
+        if args.data_root:
+            os.environ["EXACTGN_DATA"] = str(Path(args.data_root).resolve())
+        if args.device:
+            raise ValueError("--device does not apply to sweep files; set \"train.device\" in the sweep's [set] table")
+    else:
+        overrides = cli_overrides(args)
+    if args.dry_run:
+        print(plan(args.study, overrides), end="")
+        return 0
+    try:
+        out = run_study(args.study, args.out, overrides=overrides, backend=args.backend, progress=not args.quiet)
+    except TrainingInterrupted as exc:
+        print(f"exactgn study: {exc}", file=sys.stderr)
+        print("exactgn study: continue the study with the same command (and --out, if you gave one)", file=sys.stderr)
+        return 130
+    if (out / "results.md").is_file() and study_kind(args.study) == "runs":
+        print((out / "results.md").read_text(), end="")
+        with open(out / "results.csv", newline="") as fh:
+            statuses = [r["status"] for r in csv.DictReader(fh)]
+        print(f"study folder: {out}")
+        return 0 if all(s == "finished" for s in statuses) else 1
+    print((out / "results.csv").read_text(), end="")
+    print(f"study folder: {out}")
+    return 0
