@@ -285,12 +285,23 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _differences(run_dir: Path, cfg: RunConfig) -> list[str]:
-    """Keys whose value in ``run_dir/config.toml`` differs from ``cfg`` (ignoring paths, devices and speed)."""
+def _differences(run_dir: Path, cfg: RunConfig, run: StudyRun) -> list[str]:
+    """Keys whose value in ``run_dir/config.toml`` differs from ``cfg`` (ignoring paths, devices and speed), and, for
+    a run started from an earlier run, whether that source checkpoint has changed since (its SHA-256)."""
     saved = _flat(to_dict(load_config(run_dir / "config.toml")))
     now = _flat(to_dict(cfg))
-    return [f"{k} = {toml_value(saved.get(k))} there, {toml_value(now[k])} in the study"
-            for k in now if k not in _IGNORED_KEYS and saved.get(k) != now[k]]
+    ignored = _IGNORED_KEYS + (("model.init_from",) if run.init_from is not None else ())  # the study folder may move
+    diffs = [f"{k} = {toml_value(saved.get(k))} there, {toml_value(now[k])} in the study"
+             for k in now if k not in ignored and saved.get(k) != now[k]]
+    if run.init_from is not None:
+        from .train import _sha256
+
+        recorded = (read_meta(run_dir).get("init_from") or {}).get("sha256")
+        source = Path(cfg.model.init_from)
+        if recorded and source.is_file() and _sha256(source) != recorded:
+            diffs.append(f"it started from another version of {run.init_from}'s {source.name} (SHA-256 differs; "
+                         f"{run.init_from} was retrained since)")
+    return diffs
 
 
 def _state(run_dir: Path) -> str:
@@ -385,10 +396,11 @@ def _run_list(spec: StudySpec, out: Path, progress: bool) -> list[dict[str, Any]
         cfg = run_config(spec, run, out)
         state = _state(run_dir)
         if state in ("finished", "stopped", "resume"):
-            diffs = _differences(run_dir, cfg)
+            diffs = _differences(run_dir, cfg, run)
             if diffs:
-                raise ValueError(f"{run_dir} was made with another configuration than the study asks for now "
-                                 f"({'; '.join(diffs[:3])}{' ...' if len(diffs) > 3 else ''}); choose another --out")
+                raise ValueError(f"{run_dir} does not match what the study asks for now "
+                                 f"({'; '.join(diffs[:3])}{' ...' if len(diffs) > 3 else ''}); choose another --out "
+                                 f"(or delete {run_dir} to rerun that run)")
         if state == "restart":  # a folder without checkpoint or config: nothing worth keeping
             for child in sorted(run_dir.rglob("*"), reverse=True):
                 child.unlink() if child.is_file() or child.is_symlink() else child.rmdir()

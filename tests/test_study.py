@@ -214,8 +214,15 @@ def test_a_study_runs_in_order_resumes_and_skips_dependants_of_a_failed_run(tmp_
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("last.pt")}
     run_study(path, out, progress=False)  # again: nothing is retrained
     assert {p: p.stat().st_mtime_ns for p in out.rglob("last.pt")} == stamps
-    with pytest.raises(ValueError, match=r"another configuration.*optim.lr = 0.1 there, 0.3 in the study"):
+    with pytest.raises(ValueError, match=r"does not match.*optim.lr = 0.1 there, 0.3 in the study"):
         run_study(path, out, overrides=["optim.lr=0.3"], progress=False)
+    # A dependant of a source that was retrained differently is stale: the checkpoint's SHA-256 says so.
+    source_ckpt = out / "first" / "checkpoints" / "epoch_0001.pt"
+    original = source_ckpt.read_bytes()
+    torch.save({**torch.load(source_ckpt, weights_only=True), "epoch": 1, "note": "retrained"}, source_ckpt)
+    with pytest.raises(ValueError, match="another version of first's epoch_0001.pt"):
+        run_study(path, out, progress=False)
+    source_ckpt.write_bytes(original)
     # An interrupted run is resumed from its checkpoint; a folder without one is started afresh.
     meta = read_meta(out / "second")
     meta["status"] = "interrupted"

@@ -1,0 +1,145 @@
+"""Markdown tables for RESULTS.md from run folders: diagnostics per run, and seeds as mean ± std per setting.
+
+    python scripts/study_tables.py diagnostics RUN_DIR...          # one row per run: NTK, CKA, weights (last record)
+    python scripts/study_tables.py seeds SWEEP_DIR...              # per (inverse) setting: mean ± std over seeds
+
+Reads only the run-folder files of docs/run-folder.md (config.toml, meta.json, epochs.csv, steps.csv,
+diagnostics.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import tomllib
+from pathlib import Path
+from typing import Any, Sequence
+
+from exactgn.diagnostics import read_diagnostics
+from exactgn.runlog import read_meta, read_rows
+
+
+def _config(run: Path) -> dict[str, Any]:
+    return tomllib.loads((run / "config.toml").read_text())
+
+
+def _fmt(v: float | None, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e4):
+        return f"{v:.2e}"
+    return f"{v:.{digits}f}"
+
+
+def diagnostics_table(runs: Sequence[Path]) -> str:
+    """Initial vs final NTK alignment, rate, CKA and increment CKA per block, weight change per half-layer."""
+    lines = []
+    for run in runs:
+        recs = read_diagnostics(run / "diagnostics.jsonl")
+        first, last = recs[0], recs[-1]
+        rates = [r["ntk_rate"] for r in recs if not math.isnan(r.get("ntk_rate", math.nan))]
+        blocks = sorted(int(k[len("cka/block"):]) for k in last if k.startswith("cka/block"))
+        layers = [k.split("/", 1)[1] for k in last if k.startswith("weight_rel_change/") and not k.endswith("/all")]
+        meta = read_meta(run)
+        lines.append(f"**{run.parent.name}/{run.name}** ({meta['optimiser']}, epochs {first['epoch']}→{last['epoch']}, "
+                     f"probe {last['probe_size']})")
+        lines.append("")
+        lines.append("| metric | initial | final |")
+        lines.append("|---|---:|---:|")
+        for key in ("ntk_alignment", "ntk_probe_cosine", "ntk_rel_change"):
+            lines.append(f"| {key} | {_fmt(first[key])} | {_fmt(last[key])} |")
+        if rates:
+            lines.append(f"| ntk_rate (first / last record) | {_fmt(rates[0])} | {_fmt(rates[-1])} |")
+        for b in blocks:
+            for key in (f"cka/block{b}", f"cka_unbiased/block{b}", f"cka_delta/block{b}"):
+                lines.append(f"| {key} | {_fmt(first[key])} | {_fmt(last[key])} |")
+        for layer in layers + ["all"]:
+            lines.append(f"| weight_rel_change/{layer} | {_fmt(first[f'weight_rel_change/{layer}'])} "
+                         f"| {_fmt(last[f'weight_rel_change/{layer}'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _ms(values: Sequence[float], digits: int = 4, scale: float = 1.0) -> str:
+    vals = [v * scale for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return _fmt(vals[0], digits)
+    return f"{_fmt(statistics.mean(vals), digits)} ± {_fmt(statistics.stdev(vals), digits)}"
+
+
+def _setting(cfg: dict[str, Any]) -> tuple[str, str]:
+    gn = cfg["optim"]["gn"]
+    trunc = "truncated" if (gn["rtol"] or gn["atol"]) else "exact"
+    return gn["inverse"], trunc
+
+
+def seeds_table(folders: Sequence[Path]) -> str:
+    """One row per (sweep folder, inverse): mean ± std over the seeds (trial folders) of final metrics."""
+    rows = ["| sweep | inverse | seeds | final test acc % | best test acc % | final train loss | final test loss "
+            "| loss change % (epoch 1 / last) | NTK alignment | CKA b0 / b1 | CKA Δ b0 / b1 | ‖W−W0‖/‖W0‖ | fall-backs |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for folder in folders:
+        groups: dict[tuple[str, str], list[Path]] = {}
+        for run in sorted(p.parent for p in folder.glob("*/meta.json")):
+            groups.setdefault(_setting(_config(run)), []).append(run)
+        for (inverse, trunc), runs in sorted(groups.items(), key=lambda kv: kv[0][0] != "right"):
+            ep = [read_rows(r / "epochs.csv") for r in runs]
+            dg = [read_diagnostics(r / "diagnostics.jsonl") for r in runs]
+            fin = [e[-1] for e in ep]
+            change_first = [e[1]["mean_loss_change_pct"] for e in ep]
+            change_last = [e[-1]["mean_loss_change_pct"] for e in ep]
+            statuses = {read_meta(r)["status"] for r in runs}
+            fallbacks = sum(read_meta(r).get("gram_fallback_steps", 0) for r in runs)
+            rows.append(
+                f"| {folder.name} | {inverse} | {len(runs)}{'' if statuses == {'finished'} else ' ' + '/'.join(sorted(statuses))} "
+                f"| {_ms([f['test_accuracy'] for f in fin], 2, 100)} "
+                f"| {_ms([max(r['test_accuracy'] for r in e[1:]) for e in ep], 2, 100)} "
+                f"| {_ms([f['train_loss'] for f in fin])} | {_ms([f['test_loss'] for f in fin])} "
+                f"| {_ms(change_first, 2)} / {_ms(change_last, 2)} "
+                f"| {_ms([d[-1]['ntk_alignment'] for d in dg])} "
+                f"| {_ms([d[-1]['cka/block0'] for d in dg])} / {_ms([d[-1]['cka/block1'] for d in dg])} "
+                f"| {_ms([d[-1]['cka_delta/block0'] for d in dg], 3)} / {_ms([d[-1]['cka_delta/block1'] for d in dg], 3)} "
+                f"| {_ms([d[-1]['weight_rel_change/all'] for d in dg], 2)} | {fallbacks} |")
+    return "\n".join(rows) + "\n"
+
+
+def curves_table(folders: Sequence[Path], key: str = "test_accuracy", every: int = 1, scale: float = 100.0) -> str:
+    """Per epoch, mean ± std over seeds of ``key`` for each (sweep, inverse)."""
+    series = {}
+    for folder in folders:
+        groups: dict[tuple[str, str], list[Path]] = {}
+        for run in sorted(p.parent for p in folder.glob("*/meta.json")):
+            groups.setdefault(_setting(_config(run)), []).append(run)
+        for (inverse, trunc), runs in groups.items():
+            series[f"{folder.name} {inverse}"] = [read_rows(r / "epochs.csv") for r in runs]
+    names = list(series)
+    epochs = [r["epoch"] for r in next(iter(series.values()))[0]]
+    lines = ["| epoch | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+    for i, e in enumerate(epochs):
+        if e % every and e != epochs[-1]:
+            continue
+        cells = [_ms([rows[i][key] for rows in series[n] if i < len(rows)], 2 if scale == 100 else 4, scale) for n in names]
+        lines.append(f"| {e} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kind", choices=("diagnostics", "seeds", "curves"))
+    parser.add_argument("paths", nargs="+", type=Path)
+    parser.add_argument("--key", default="test_accuracy")
+    parser.add_argument("--every", type=int, default=1)
+    args = parser.parse_args()
+    if args.kind == "diagnostics":
+        print(diagnostics_table(args.paths))
+    elif args.kind == "seeds":
+        print(seeds_table(args.paths))
+    else:
+        print(curves_table(args.paths, args.key, args.every, 100.0 if "accuracy" in args.key else 1.0))
+
+
+if __name__ == "__main__":
+    main()
