@@ -7,7 +7,8 @@ Usage (one call on a GPU machine, from the repository root; results land in $OUT
 1. float64 exactness on CUDA: both GN directions and the NTK agree with the CPU computation, and the
    right inverse realises v (J·Δθ = v) to 1e-10, on small random RevMLPs.
 2. `exactgn bench` at the two reference sizes (CIFAR-10: d=3072 h=8000 L=6 B=1000; MNIST: d=784 h=8000 L=2
-   B=1000) in float32, with TF32 products, and with float64 solves; JSON per run and one Markdown table file.
+   B=1000) in float32, with TF32 products, and with float64 solves; all results in one JSON file (bench.json,
+   keyed "<size>-<setting>") and the tables in gpu_report.md.
 ``--quick`` shrinks everything so that the script can be tried on a CPU.
 """
 
@@ -73,6 +74,7 @@ def main() -> int:
     report += ["", "## float64 exactness on the device", ""] + [f"    {l}" for l in exactness(device)]
     sizes = QUICK if args.quick else REFERENCE
     settings = {"fp32": dict(), "tf32": dict(tf32=True), "fp32-f64solve": dict(solve_dtype="float64")}
+    all_results: dict[str, object] = {}
     for name, size in sizes.items():
         for label, extra in settings.items():
             if device.type == "cpu" and label == "tf32":
@@ -84,7 +86,8 @@ def main() -> int:
             except torch.cuda.OutOfMemoryError as exc:  # report, do not lose the rest
                 report += ["", f"## {name} {label}: out of memory: {exc}"]
                 continue
-            (out / f"bench_{name}_{label}.json").write_text(json.dumps(res, indent=2))
+            all_results[f"{name}-{label}"] = res
+            (out / "bench.json").write_text(json.dumps(all_results, indent=2))
             report += ["", f"## {name} ({label})", "", format_table(res)]
             (out / "gpu_report.md").write_text("\n".join(report) + "\n")
     (out / "gpu_report.md").write_text("\n".join(report) + "\n")

@@ -1,0 +1,194 @@
+"""Everything a lent GPU is used for, in one call with a time budget (see BENCHMARKS.md, RESULTS.md).
+
+    PYTHONPATH=. python3 scripts/gpu_session.py --data DIR --budget 520 [--out $OUT] [--quick]
+
+Phases, each skipped when too little of the budget is left, results written as they come:
+
+1. ``scripts/gpu_check.py``: float64 exactness on the device, then ``exactgn bench`` at both reference sizes
+   (float32, TF32, float64 solves) -> gpu_report.md, bench.json.
+2. Epoch times of the reference settings (``exactgn train`` on the shipped reference files, a few epochs each,
+   one run at a time so that the times are clean) -> train_times.md. MNIST is the real one under DIR; CIFAR-10
+   is *random images in the CIFAR-10 format* when DIR holds none (the files are too large to send to the
+   device): the times are the same, the accuracies meaningless and not reported.
+3. The J-flat vs J+ comparison of RESULTS.md at the reference size on real MNIST: mini-batch GN, right against
+   pinv, seeds 0-2 untruncated and seed 0 truncated, all runs at once on the one GPU until the budget ends
+   (their epoch logs are kept; runs are compared at the last epoch all of them reached) -> runs.tar.gz.
+
+``--quick`` shrinks every size so that the script can be tried on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+START = time.monotonic()
+
+TIMING_RUNS = [  # (config, epochs)
+    ("mnist-minibatch/gn", 2),
+    ("mnist-minibatch/adam", 2),
+    ("mnist-fullbatch/gn", 10),
+    ("cifar10-minibatch/gn", 1),
+    ("cifar10-minibatch/adam", 1),
+    ("cifar10-fullbatch/gn", 10),
+]
+INVERSE_SET = [  # the settings of exactgn/studies/inverse/minibatch.toml
+    "optim.gn.least_squares=true", "optim.gn.solve_dtype=float64", "diagnostics.enabled=true",
+    "diagnostics.every=2", "train.threads=2",
+]
+INVERSE_RUNS = [(f"s{seed}-{inv}", seed, inv, False) for seed in (0, 1, 2) for inv in ("right", "pinv")]
+INVERSE_RUNS += [(f"s0-{inv}-trunc", 0, inv, True) for inv in ("right", "pinv")]
+QUICK_SET = ["model.hidden=64", "model.blocks=2", "data.train_size=2000", "data.test_size=500", "train.batch_size=50"]
+
+
+def left(budget: float) -> float:
+    return budget - (time.monotonic() - START)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.monotonic() - START:6.1f} s] {msg}", flush=True)
+
+
+def fake_cifar(root: Path) -> None:
+    """Random uint8 images and labels in the CIFAR-10 pickle format (timing only)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        batch = {b"data": rng.integers(0, 256, (10000, 3072), dtype=np.uint8),
+                 b"labels": rng.integers(0, 10, 10000).tolist()}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+
+
+def train(config: str, out: Path, data: Path, sets: list[str], quiet: bool = True) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "exactgn", "train", config, "--out", str(out), "--data-root", str(data)]
+    for s in sets:
+        cmd += ["--set", s]
+    if quiet:
+        cmd.append("--quiet")
+    logf = open(out.parent / f"{out.name}.log", "w")
+    return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+
+
+def epochs(run: Path) -> list[dict[str, str]]:
+    path = run / "epochs.csv"
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def timing_phase(args: argparse.Namespace, runs: Path, data: Path, cifar: Path) -> None:
+    rows = ["| setting | epochs timed | training time per epoch (s) | eval time per epoch (s) | wall per epoch (s) | "
+            "100 epochs, estimated (min) | process wall incl. start (s) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for config, n in TIMING_RUNS:
+        if left(args.budget) < args.budget * 0.45:
+            log(f"skip timing of {config}: too little budget left")
+            continue
+        out = runs / "timing" / config.replace("/", "-")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        root = cifar if config.startswith("cifar10") else data
+        sets = [f"train.epochs={n}", "train.checkpoint_every=0"] + (QUICK_SET if args.quick else [])
+        t0 = time.monotonic()
+        proc = train(config, out, root, sets)
+        try:
+            rc = proc.wait(timeout=max(10.0, left(args.budget) - args.budget * 0.4))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            rc = "killed"
+        wall = time.monotonic() - t0
+        all_rec = epochs(out)
+        rec = [r for r in all_rec if int(r["epoch"]) > 0]
+        log(f"{config}: rc={rc}, {len(rec)} epochs, {wall:.1f} s")
+        if rec:
+            ep = sum(float(r["epoch_time_s"]) for r in rec) / len(rec)
+            ev = sum(float(r["eval_time_s"]) for r in rec) / len(rec)
+            per = (float(rec[-1]["wall_time_s"]) - float(all_rec[0]["wall_time_s"])) / len(rec)
+            rows.append(f"| {config} | {len(rec)} | {ep:.2f} | {ev:.2f} | {per:.2f} | {100 * per / 60:.1f} | {wall:.0f} |")
+        else:
+            rows.append(f"| {config} | 0 (rc={rc}; see log) | | | | | {wall:.0f} |")
+        (args.out / "train_times.md").write_text("\n".join(rows) + "\n")
+        for ck in out.glob("checkpoints/*.pt"):
+            ck.unlink()
+
+
+def inverse_phase(args: argparse.Namespace, runs: Path, data: Path) -> None:
+    if left(args.budget) < 90:
+        log("skip the inverse comparison: too little budget left")
+        return
+    procs = {}
+    for name, seed, inv, trunc in INVERSE_RUNS:
+        out = runs / "inverse" / name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sets = INVERSE_SET + [f"seed={seed}", f"optim.gn.inverse={inv}", "train.checkpoint_every=0"]
+        sets += ["optim.gn.rtol=0.01", "optim.gn.atol=1e-5"] if trunc else ["optim.gn.rtol=0", "optim.gn.atol=0"]
+        if args.quick:
+            sets += QUICK_SET + ["train.epochs=3"]
+        procs[name] = (out, train("mnist-minibatch/gn", out, data, sets))
+    log(f"inverse comparison: {len(procs)} runs started")
+    deadline = START + args.budget - 25
+    while time.monotonic() < deadline and any(p.poll() is None for _, p in procs.values()):
+        time.sleep(5)
+    for name, (out, p) in procs.items():
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        log(f"{name}: {max((int(r['epoch']) for r in epochs(out)), default=-1)} epochs logged")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="folder holding MNIST/raw (and maybe CIFAR-10)")
+    parser.add_argument("--budget", type=float, default=520.0, help="seconds for the whole script")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_results")))
+    parser.add_argument("--runs", type=Path, default=Path("runs/gpu"))
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: try the script on a CPU")
+    parser.add_argument("--skip-check", action="store_true", help="leave out phase 1")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs = args.runs.resolve()
+    runs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    os.environ.update(env)
+
+    if not args.skip_check:
+        cmd = [sys.executable, str(ROOT / "scripts/gpu_check.py"), "--out", str(args.out), "--repeats", "8"]
+        cmd += ["--quick"] if args.quick else []
+        log("phase 1: exactness and benchmarks")
+        try:
+            subprocess.run(cmd, timeout=max(30.0, args.budget * 0.3))
+        except subprocess.TimeoutExpired:
+            log("phase 1 stopped at its share of the budget (what it wrote is kept)")
+    cifar = args.data
+    if not (args.data / "cifar-10-batches-py").is_dir():
+        cifar = runs / "fake-cifar"
+        if not (cifar / "cifar-10-batches-py" / "test_batch").is_file():
+            fake_cifar(cifar)
+        log("CIFAR-10: random images in the CIFAR-10 format (timing only)")
+    log("phase 2: epoch times of the reference settings")
+    timing_phase(args, runs, args.data, cifar)
+    log("phase 3: J-flat vs J+ at the reference size, real MNIST")
+    inverse_phase(args, runs, args.data)
+    with tarfile.open(args.out / "runs.tar.gz", "w:gz") as tar:
+        for path in sorted(runs.rglob("*")):
+            if path.is_file() and "fake-cifar" not in path.parts and path.suffix not in (".pt",) \
+                    and "tensorboard" not in path.parts:
+                tar.add(path, arcname=str(path.relative_to(runs)))
+    log("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
