@@ -82,6 +82,29 @@ def read_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path}: corrupt JSON ({exc})") from exc
 
 
+def run_state(run_dir: str | os.PathLike) -> str:
+    """What a study or sweep should do with a run folder it is about to (re)run.
+
+    ``"new"`` (no folder, or an empty one), ``"finished"``, ``"stopped"`` (the run diverged: keep it as it is,
+    resuming would only repeat the divergence), ``"resume"`` (a checkpoint and config to continue from) or
+    ``"restart"`` (a folder with nothing to continue from, e.g. interrupted before its first checkpoint).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return "new"
+    try:
+        status = read_meta(run_dir).get("status")
+    except (FileNotFoundError, ValueError):
+        status = None
+    if status == "finished":
+        return "finished"
+    if status == "diverged":
+        return "stopped"
+    if (run_dir / "checkpoints" / "last.pt").is_file() and (run_dir / "config.toml").is_file():
+        return "resume"
+    return "restart"
+
+
 # ---------------------------------------------------------------------------- reading logs
 def _number(text: str) -> Any:
     if text == "":

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import ConfigError, RunConfig, find_config, load_config, to_dict, toml_value
-from .runlog import atomic_write_text, read_meta
+from .runlog import atomic_write_text, read_meta, run_state
 
 __all__ = [
     "STUDIES_DIR",
@@ -304,23 +304,6 @@ def _differences(run_dir: Path, cfg: RunConfig, run: StudyRun) -> list[str]:
     return diffs
 
 
-def _state(run_dir: Path) -> str:
-    """``new``, ``finished``, ``stopped`` (diverged: kept as is), ``resume`` or ``restart`` (no checkpoint)."""
-    if not run_dir.exists() or not any(run_dir.iterdir()):
-        return "new"
-    try:
-        status = read_meta(run_dir).get("status")
-    except (FileNotFoundError, ValueError):
-        status = None
-    if status == "finished":
-        return "finished"
-    if status == "diverged":
-        return "stopped"
-    if (run_dir / "checkpoints" / "last.pt").is_file() and (run_dir / "config.toml").is_file():
-        return "resume"
-    return "restart"
-
-
 RESULT_FIELDS = ("run", "init_from", "start_epoch", "optimiser", "status", "epochs", "final_train_loss",
                  "final_train_accuracy", "final_test_loss", "final_test_accuracy", "best_test_accuracy",
                  "best_test_accuracy_epoch", "final_mean_loss_change_pct", "wall_time_s", "run_dir")
@@ -394,7 +377,7 @@ def _run_list(spec: StudySpec, out: Path, progress: bool) -> list[dict[str, Any]
             rows.append(_result_row(spec, run, run_dir, status))
             continue
         cfg = run_config(spec, run, out)
-        state = _state(run_dir)
+        state = run_state(run_dir)
         if state in ("finished", "stopped", "resume"):
             diffs = _differences(run_dir, cfg, run)
             if diffs:

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import ConfigError, RunConfig, find_config, load_config, toml_value
-from .runlog import atomic_write_text, read_meta
+from .runlog import atomic_write_text, run_state
 
 __all__ = ["SweepSpec", "Trial", "load_sweep", "make_trials", "run_sweep", "add_parser"]
 
@@ -213,21 +213,6 @@ def _describe(overrides: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------- running
-def _trial_state(run_dir: Path) -> str:
-    """``new`` (no folder or empty), ``finished``, or ``resume`` (a checkpoint to continue from)."""
-    if not run_dir.exists() or not any(run_dir.iterdir()):
-        return "new"
-    try:
-        status = read_meta(run_dir).get("status")
-    except (FileNotFoundError, ValueError):
-        status = None
-    if status == "finished":
-        return "finished"
-    if (run_dir / "checkpoints" / "last.pt").is_file():
-        return "resume"
-    return "restart"
-
-
 def run_trial(spec_path: str, out: str, index: int, overrides: dict[str, Any]) -> dict[str, Any]:
     """Run (or resume, or skip if finished) one trial; returns its summary. Called in Ray workers too."""
     import shutil
@@ -240,7 +225,7 @@ def run_trial(spec_path: str, out: str, index: int, overrides: dict[str, Any]) -
     spec = load_sweep(spec_path)
     trial = Trial(index, overrides)
     run_dir = Path(out) / trial.name
-    state = _trial_state(run_dir)
+    state = run_state(run_dir)  # "stopped" (diverged) and "finished" trials are kept as they are
     torch.set_num_threads(spec.cpus_per_trial)
     if state == "restart":  # a folder without a checkpoint: nothing to keep
         shutil.rmtree(run_dir)

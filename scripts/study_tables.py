@@ -76,8 +76,11 @@ def _setting(cfg: dict[str, Any]) -> tuple[str, str]:
     return gn["inverse"], trunc
 
 
-def seeds_table(folders: Sequence[Path]) -> str:
-    """One row per (sweep folder, inverse): mean ± std over the seeds (trial folders) of final metrics."""
+def seeds_table(folders: Sequence[Path], epoch: int | None = None) -> str:
+    """One row per (sweep folder, inverse): mean ± std over the seeds (trial folders) of final metrics.
+
+    With ``epoch``, every run is read up to that epoch only (runs stopped at different epochs compare there).
+    """
     rows = ["| sweep | inverse | seeds | final test acc % | best test acc % | final train loss | final test loss "
             "| loss change % (epoch 1 / last) | NTK alignment | CKA b0 / b1 | CKA Δ b0 / b1 | ‖W−W0‖/‖W0‖ | fall-backs |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -88,6 +91,11 @@ def seeds_table(folders: Sequence[Path]) -> str:
         for (inverse, trunc), runs in sorted(groups.items(), key=lambda kv: kv[0][0] != "right"):
             ep = [read_rows(r / "epochs.csv") for r in runs]
             dg = [read_diagnostics(r / "diagnostics.jsonl") for r in runs]
+            if epoch is not None:
+                ep = [[row for row in e if row["epoch"] <= epoch] for e in ep]
+                dg = [[rec for rec in d if rec["epoch"] <= epoch] for d in dg]
+                if any(e[-1]["epoch"] != epoch for e in ep):
+                    raise SystemExit(f"{folder}: not every run of {inverse}/{trunc} reached epoch {epoch}")
             fin = [e[-1] for e in ep]
             change_first = [e[1]["mean_loss_change_pct"] for e in ep]
             change_last = [e[-1]["mean_loss_change_pct"] for e in ep]
@@ -132,11 +140,12 @@ def main() -> None:
     parser.add_argument("paths", nargs="+", type=Path)
     parser.add_argument("--key", default="test_accuracy")
     parser.add_argument("--every", type=int, default=1)
+    parser.add_argument("--epoch", type=int, default=None, help="seeds: compare the runs at this epoch")
     args = parser.parse_args()
     if args.kind == "diagnostics":
         print(diagnostics_table(args.paths))
     elif args.kind == "seeds":
-        print(seeds_table(args.paths))
+        print(seeds_table(args.paths, args.epoch))
     else:
         print(curves_table(args.paths, args.key, args.every, 100.0 if "accuracy" in args.key else 1.0))
 

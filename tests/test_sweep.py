@@ -121,6 +121,21 @@ def test_rerunning_a_sweep_skips_finished_trials_and_refuses_another_sweep(tmp_p
         run_sweep(other, out, backend="sequential", progress=False)
 
 
+def test_a_diverged_trial_is_kept_and_the_sweep_goes_on(tmp_path):
+    # lr 1e38 on the full batch makes every trial diverge in its first step (as in test_train)
+    text = TINY.format(extra="").replace('"train.batch_size" = 100', '"train.batch_size" = 0')
+    text += '"optim.lr" = 1e38\n[grid]\nseed = [0, 1]\n'
+    path = _write(tmp_path, text)
+    out = run_sweep(path, tmp_path / "out", backend="sequential", progress=False)
+    metas = [json.loads((out / f"trial-00{i}" / "meta.json").read_text()) for i in (0, 1)]
+    assert [m["status"] for m in metas] == ["diverged", "diverged"]
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.parent.name != "out"}
+    run_sweep(path, out, backend="sequential", progress=False)  # rerun: kept, not resumed (that would raise)
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+    with open(out / "results.csv") as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["diverged", "diverged"]
+
+
 def test_shipped_example_sweeps_are_valid():
     root = Path(__file__).resolve().parents[1] / "exactgn" / "sweeps"
     files = sorted(root.glob("*.toml"))
