@@ -42,6 +42,8 @@ class BenchConfig:
     dtype: str = "float32"
     solve_dtype: str | None = None
     tf32: bool = False
+    rtol: float = 0.0  # truncation of both GN steps (0, 0: exact, Cholesky solves; > 0: eigendecompositions)
+    atol: float = 0.0
     seed: int = 0
 
 
@@ -152,6 +154,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, object]:
     results: dict[str, object] = {}
     timings: dict[str, list[float]] = {}
     peaks: dict[str, int | None] = {}
+    methods: dict[str, list[str]] = {}  # how the last GN step of each kind solved its Grams
 
     with tf32_ctx:
         model = build()
@@ -174,8 +177,10 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, object]:
         for inverse in ("right", "pinv"):
             key = f"gn_{inverse}_step"
             model = build()
-            opt = GaussNewton(model, lr=0.1, inverse=inverse, least_squares=least_squares, solve_dtype=cfg.solve_dtype)
+            opt = GaussNewton(model, lr=0.1, inverse=inverse, least_squares=least_squares, solve_dtype=cfg.solve_dtype,
+                              rtol=cfg.rtol, atol=cfg.atol)
             results[f"{key}_s"], timings[key], peaks[key] = _time(lambda: opt.step(x, y), device, cfg.repeats, cfg.warmup)
+            methods[key] = sorted({s.method for s in opt.last_result.solves})
             if progress:
                 print(f"  {key}: {results[f'{key}_s']:.4g} s", flush=True)
             del model, opt
@@ -187,7 +192,9 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, object]:
     results.update(
         sizes=dict(features=cfg.features, hidden=cfg.hidden, blocks=cfg.blocks, batch=cfg.batch, classes=cfg.classes),
         settings=dict(dtype=cfg.dtype, solve_dtype=cfg.solve_dtype, tf32=cfg.tf32, repeats=cfg.repeats,
-                      warmup=cfg.warmup, seed=cfg.seed, least_squares_right=least_squares),
+                      warmup=cfg.warmup, seed=cfg.seed, least_squares_right=least_squares, rtol=cfg.rtol,
+                      atol=cfg.atol),
+        solve_methods=methods,
         device=str(device),
         environment=_environment(device),
         ratios={s: results[f"{s}_s"] / adam_s for s in STEPS},
@@ -208,7 +215,8 @@ def format_table(results: dict[str, object]) -> str:
         f"on {env.get('device_name', env['device'])} ({results['device']}, torch {env['torch']}, "
         f"{env['threads']} threads, {results['settings']['dtype']}"
         f"{', TF32' if results['settings']['tf32'] else ''}"
-        f"{', float64 solves' if results['settings']['solve_dtype'] == 'float64' else ''})"
+        f"{', float64 solves' if results['settings']['solve_dtype'] == 'float64' else ''}"
+        f"{_truncation(results['settings'])})"
     )
     lines = [head, "", "| step | median (s) | × Adam step | counted FLOPs × Adam | GFLOP/s | peak memory |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -224,6 +232,11 @@ def format_table(results: dict[str, object]) -> str:
                      "take the exact least-squares step (least_squares=True, column-Gram solves) and J·Δθ = v "
                      "holds only in the other blocks.")
     return "\n".join(lines)
+
+
+def _truncation(settings: dict[str, object]) -> str:
+    rtol, atol = settings.get("rtol", 0.0), settings.get("atol", 0.0)
+    return f", truncated: rtol={rtol:g} atol={atol:g}" if (rtol or atol) else ""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -247,6 +260,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--solve-dtype", choices=("float32", "float64"), default=None,
                    help="precision of the Gram factorisations (default: the model's)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matrix products on CUDA")
+    p.add_argument("--rtol", type=float, default=0.0,
+                   help="truncate both GN steps' solves at rtol·σ_max (default 0: exact; the reference settings use "
+                   "1e-2). Truncated solves use eigendecompositions instead of Cholesky factorisations")
+    p.add_argument("--atol", type=float, default=0.0, help="absolute truncation (default 0; the reference uses 1e-5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.set_defaults(func=_main)
@@ -260,10 +277,13 @@ def _main(args: argparse.Namespace) -> int:
     for name in ("features", "blocks", "batch", "classes", "repeats"):
         if getattr(args, name) < 1:
             raise SystemExit(f"exactgn bench: --{name} must be at least 1")
+    for name in ("rtol", "atol"):
+        if not getattr(args, name) >= 0:
+            raise SystemExit(f"exactgn bench: --{name} must be a number >= 0 (0 = no truncation)")
     cfg = BenchConfig(
         features=args.features, hidden=args.hidden, blocks=args.blocks, batch=args.batch, classes=args.classes,
         device=args.device, repeats=args.repeats, warmup=args.warmup, dtype=args.dtype,
-        solve_dtype=args.solve_dtype, tf32=args.tf32, seed=args.seed,
+        solve_dtype=args.solve_dtype, tf32=args.tf32, rtol=args.rtol, atol=args.atol, seed=args.seed,
     )
     results = run_bench(cfg)
     print(format_table(results))

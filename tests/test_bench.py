@@ -43,6 +43,20 @@ def test_bench_writes_the_documented_json(tmp_path, capsys):
     assert all(len(res["timings"][k[:-2]]) == 3 for k in keys)
 
 
+def test_bench_truncation_reaches_the_steps(tmp_path, capsys):
+    base = ["bench", "--features", "16", "--hidden", "8", "--blocks", "2", "--batch", "4", "--classes", "3",
+            "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json"]
+    assert main(base + [str(tmp_path / "exact.json")]) == 0
+    assert main(base + [str(tmp_path / "trunc.json"), "--rtol", "1e-2", "--atol", "1e-5"]) == 0
+    assert "truncated: rtol=0.01 atol=1e-05" in capsys.readouterr().out
+    exact, trunc = (json.loads((tmp_path / f).read_text()) for f in ("exact.json", "trunc.json"))
+    assert exact["solve_methods"] == {"gn_right_step": ["cholesky"], "gn_pinv_step": ["cholesky"]}
+    assert trunc["solve_methods"] == {"gn_right_step": ["eigh"], "gn_pinv_step": ["eigh"]}
+    assert (trunc["settings"]["rtol"], trunc["settings"]["atol"]) == (1e-2, 1e-5)
+    with pytest.raises(SystemExit, match="--rtol must be a number >= 0"):
+        main(base + [str(tmp_path / "bad.json"), "--rtol", "-1"])
+
+
 def test_bench_rejects_bad_sizes(capsys):
     with pytest.raises(SystemExit, match="--batch must be at least 1"):
         main(["bench", "--batch", "0"])
