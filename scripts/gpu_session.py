@@ -12,7 +12,8 @@ Phases, each skipped when too little of the budget is left, results written as t
    device): the times are the same, the accuracies meaningless and not reported.
 3. The J-flat vs J+ comparison of RESULTS.md at the reference size on real MNIST: mini-batch GN, right against
    pinv, seeds 0-2 untruncated and seed 0 truncated, all runs at once on the one GPU until the budget ends
-   (their epoch logs are kept; runs are compared at the last epoch all of them reached) -> runs.tar.gz.
+   (their epoch logs are kept; runs are compared at the last epoch all of them reached) -> runs.tar.gz, holding
+   inverse-untruncated/ and inverse-truncated/ (``python scripts/study_tables.py seeds DIR --epoch N`` reads them).
 
 ``--quick`` shrinks every size so that the script can be tried on a CPU.
 """
@@ -131,7 +132,7 @@ def inverse_phase(args: argparse.Namespace, runs: Path, data: Path) -> None:
         return
     procs = {}
     for name, seed, inv, trunc in INVERSE_RUNS:
-        out = runs / "inverse" / name
+        out = runs / ("inverse-truncated" if trunc else "inverse-untruncated") / name
         out.parent.mkdir(parents=True, exist_ok=True)
         sets = INVERSE_SET + [f"seed={seed}", f"optim.gn.inverse={inv}", "train.checkpoint_every=0"]
         sets += ["optim.gn.rtol=0.01", "optim.gn.atol=1e-5"] if trunc else ["optim.gn.rtol=0", "optim.gn.atol=0"]

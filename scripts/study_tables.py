@@ -71,9 +71,14 @@ def _ms(values: Sequence[float], digits: int = 4, scale: float = 1.0) -> str:
 
 
 def _setting(cfg: dict[str, Any]) -> tuple[str, str]:
+    """(``right``/``pinv`` for GN, else the optimiser's name; ``exact``/``truncated``/``-``, plus ``full batch``
+    when the run trains on the full batch, so that one folder may hold several settings)."""
+    batch = " (full batch)" if cfg["train"]["batch_size"] == 0 else ""
+    if cfg["optim"]["name"] != "gn":
+        return cfg["optim"]["name"] + batch, "-"
     gn = cfg["optim"]["gn"]
     trunc = "truncated" if (gn["rtol"] or gn["atol"]) else "exact"
-    return gn["inverse"], trunc
+    return gn["inverse"] + batch, trunc
 
 
 def seeds_table(folders: Sequence[Path], epoch: int | None = None) -> str:
@@ -88,7 +93,7 @@ def seeds_table(folders: Sequence[Path], epoch: int | None = None) -> str:
         groups: dict[tuple[str, str], list[Path]] = {}
         for run in sorted(p.parent for p in folder.glob("*/meta.json")):
             groups.setdefault(_setting(_config(run)), []).append(run)
-        for (inverse, trunc), runs in sorted(groups.items(), key=lambda kv: kv[0][0] != "right"):
+        for (inverse, trunc), runs in sorted(groups.items(), key=lambda kv: (not kv[0][0].startswith("right"), kv[0][0])):
             ep = [read_rows(r / "epochs.csv") for r in runs]
             dg = [read_diagnostics(r / "diagnostics.jsonl") for r in runs]
             if epoch is not None:
