@@ -2,6 +2,7 @@
 
     python scripts/study_tables.py diagnostics RUN_DIR...          # one row per run: NTK, CKA, weights (last record)
     python scripts/study_tables.py seeds SWEEP_DIR...              # per (inverse) setting: mean ± std over seeds
+    python scripts/study_tables.py summary STUDY_DIR...            # one row per run of a study (results.csv + diagnostics)
 
 Reads only the run-folder files of docs/run-folder.md (config.toml, meta.json, epochs.csv, steps.csv,
 diagnostics.jsonl).
@@ -139,9 +140,39 @@ def curves_table(folders: Sequence[Path], key: str = "test_accuracy", every: int
     return "\n".join(lines) + "\n"
 
 
+def summary_table(folders: Sequence[Path]) -> str:
+    """One row per run of each study folder: what differs, final/best accuracy, losses, last diagnostics."""
+    import csv
+
+    rows = ["| study | run | optimiser | epochs | final train loss | final test loss | final test acc % "
+            "| best test acc % (epoch) | NTK alignment | CKA Δ b0 / b1 | ‖W−W0‖/‖W0‖ |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for folder in folders:
+        with open(folder / "results.csv") as f:
+            results = list(csv.DictReader(f))
+        for r in results:
+            run = Path(r["run_dir"])
+            if not run.is_absolute() and not run.exists():
+                run = folder / run.name
+            name = r.get("run") or r.get("overrides") or r.get("trial")
+            opt = r.get("optimiser") or _config(run)["optim"]["name"]
+            diag = read_diagnostics(run / "diagnostics.jsonl") if (run / "diagnostics.jsonl").is_file() else []
+            last = diag[-1] if diag else {}
+            num = lambda key, d=4: _fmt(float(r[key]), d) if r.get(key) not in (None, "") else "-"  # noqa: E731
+            acc = lambda key: f"{100 * float(r[key]):.2f}" if r.get(key) not in (None, "") else "-"  # noqa: E731
+            rows.append(
+                f"| {folder.name} | {name} | {opt}{'' if r['status'] == 'finished' else ' (' + r['status'] + ')'} "
+                f"| {r['epochs']} | {num('final_train_loss')} | {num('final_test_loss')} | {acc('final_test_accuracy')} "
+                f"| {acc('best_test_accuracy')} ({r['best_test_accuracy_epoch']}) "
+                f"| {_fmt(last.get('ntk_alignment'))} "
+                f"| {_fmt(last.get('cka_delta/block0'), 3)} / {_fmt(last.get('cka_delta/block1'), 3)} "
+                f"| {_fmt(last.get('weight_rel_change/all'), 2)} |")
+    return "\n".join(rows) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=("diagnostics", "seeds", "curves"))
+    parser.add_argument("kind", choices=("diagnostics", "seeds", "curves", "summary"))
     parser.add_argument("paths", nargs="+", type=Path)
     parser.add_argument("--key", default="test_accuracy")
     parser.add_argument("--every", type=int, default=1)
@@ -149,6 +180,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.kind == "diagnostics":
         print(diagnostics_table(args.paths))
+    elif args.kind == "summary":
+        print(summary_table(args.paths))
     elif args.kind == "seeds":
         print(seeds_table(args.paths, args.epoch))
     else:
