@@ -275,7 +275,9 @@ def group_runs(runs: Sequence[Run]) -> list[Panel]:
         panel = Panel(dataset, setting)
         for key, group in groups.items():
             s = dict(key)
-            extras = ", ".join(f"{_short(k, differing)}={_fmt_value(s.get(k))}" for k in differing)
+            # GN's own keys say nothing about an Adam or SGD run (they are defaults there), so they label GN only.
+            own = [k for k in differing if group[0].optimiser == "gn" or not k.startswith("optim.gn.")]
+            extras = ", ".join(f"{_short(k, differing)}={_fmt_value(s.get(k))}" for k in own)
             label = group[0].optimiser + (f" ({extras})" if extras else "")
             if len(group) > 1:
                 label += f" [{len(group)} seeds]"
@@ -372,13 +374,19 @@ def _finish(ax, title: str, ylabel: str, drawn: bool) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    if drawn:
-        ax.legend(fontsize=7)
-    else:
+    if not drawn:
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
 
 
 def _save(fig, path: Path) -> bytes:
+    # One legend for the whole figure, below the panels, so that long series labels cover no curve.
+    handles: dict[str, Any] = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 3),
+                   fontsize=8, frameon=False)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     data = buf.getvalue()

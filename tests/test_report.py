@@ -74,6 +74,19 @@ def test_grouping_and_seed_band(tiny_runs):
     assert hi_s[2] - mean_s[2] == pytest.approx(abs(vals[0] - vals[1]) / 2, rel=1e-9)
 
 
+def test_gn_keys_label_gn_series_only(tiny_runs, tmp_path):
+    folder = tmp_path / "runs"
+    shutil.copytree(tiny_runs, folder)
+    config = folder / "gn-full-s1" / "config.toml"
+    text = config.read_text()
+    assert 'inverse = "right"' in text
+    config.write_text(text.replace('inverse = "right"', 'inverse = "pinv"'))
+    runs = [rp.load_run(p) for p in rp.find_runs([folder])]
+    full = next(p for p in rp.group_runs(runs) if p.setting.startswith("full-batch"))
+    labels = sorted(s.label for s in full.series)
+    assert labels == ["adam (lr=0.001)", "gn (inverse=pinv, lr=0.5)", "gn (inverse=right, lr=0.5)"]  # Adam carries GN's defaults, not its label
+
+
 def test_aggregate_seeds_hand_built():
     rows = [[{"epoch": 0, "x": 1.0}, {"epoch": 1, "x": 4.0}], [{"epoch": 0, "x": 3.0}], [{"epoch": 0, "x": math.nan}]]
     xs, mean, lo, hi = rp.aggregate_seeds(rows, "x", "minmax")
