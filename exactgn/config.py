@@ -400,19 +400,49 @@ def list_settings() -> list[str]:
     )
 
 
-def find_config(name: str | Path) -> Path:
-    """A config path: an existing file, else a shipped experiment ``<setting>/<optimiser>`` (``.toml`` optional)."""
+def find_shipped(name: str | Path, folder: Path, shipped: list[str], what: str, kinds: tuple[str, str]) -> Path:
+    """An existing file ``name``, else ``folder/<name>.toml`` (``.toml`` optional) among the ``shipped`` names.
+
+    The error for neither names ``what`` was asked for and suggests close names; ``kinds`` is the singular and
+    plural of what ships (``("experiment", "experiments")``).
+    """
     path = Path(name)
     if path.is_file():
         return path
     stem = str(name)[:-5] if str(name).endswith(".toml") else str(name)
-    shipped = EXPERIMENTS_DIR / f"{stem}.toml"
-    if shipped.is_file():
-        return shipped
-    names = list_experiments()
-    close = difflib.get_close_matches(stem, names, n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; shipped experiments: {', '.join(names)}"
-    raise ConfigError(f"config {str(name)!r}: no such file, and no shipped experiment of that name{hint}")
+    candidate = folder / f"{stem}.toml"
+    if candidate.is_file():
+        return candidate
+    close = difflib.get_close_matches(stem, shipped, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; shipped {kinds[1]}: {', '.join(shipped)}"
+    raise ConfigError(f"{what} {str(name)!r}: no such file, and no shipped {kinds[0]} of that name{hint}")
+
+
+def find_config(name: str | Path) -> Path:
+    """A config path: an existing file, else a shipped experiment ``<setting>/<optimiser>`` (``.toml`` optional)."""
+    return find_shipped(name, EXPERIMENTS_DIR, list_experiments(), "config", ("experiment", "experiments"))
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file as a dict; :class:`ConfigError` naming the file when it cannot be read or parsed."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested tables as dotted keys: ``{"optim": {"lr": 1}}`` → ``{"optim.lr": 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 # ---------------------------------------------------------------------------- TOML writer

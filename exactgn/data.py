@@ -22,7 +22,6 @@ Images come out as float tensors ``N × C × H × W`` normalised with the refere
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import math
 import os
@@ -36,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .errors import ExactGNError
+from .runlog import file_sha256
 
 __all__ = [
     "DATASETS",
@@ -373,10 +373,6 @@ def read_cifar10(root: str | os.PathLike) -> RawData:
 
 
 # ---------------------------------------------------------------------------- bundled MNIST
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def read_bundled_mnist(path: str | os.PathLike | None = None, *, check: bool = True) -> RawData:
     """The small MNIST subset shipped with exactgn (``exactgn/assets/mnist_small.npz``), checksum-verified."""
     path = BUNDLED_MNIST if path is None else Path(path)
@@ -386,7 +382,7 @@ def read_bundled_mnist(path: str | os.PathLike | None = None, *, check: bool = T
             "regenerate it with scripts/make_bundled_mnist.py"
         )
     if check and path == BUNDLED_MNIST:
-        digest = _sha256(path)
+        digest = file_sha256(path)
         if digest != BUNDLED_MNIST_SHA256:
             raise DataError(
                 f"{path}: SHA-256 {digest} differs from the recorded {BUNDLED_MNIST_SHA256}; the file is "

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
+from .config import flatten
 from .diagnostics import DIAGNOSTICS_FILE, loss_change_summary, read_diagnostics
 
 if TYPE_CHECKING:
@@ -189,19 +190,8 @@ def _labels(paths: Sequence[Path]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- grouping
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        full = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{full}."))
-        else:
-            out[full] = value
-    return out
-
-
 def _setting_keys(run: Run) -> dict[str, Any]:
-    flat = _flatten(run.config)
+    flat = flatten(run.config)
     return {
         k: v for k, v in flat.items()
         if not k.rsplit(".", 1)[-1].endswith("seed") and k not in _BOOKKEEPING and not k.startswith(_BOOKKEEPING_PREFIXES)

@@ -7,6 +7,7 @@ last line. ``meta.json`` is replaced atomically.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -65,6 +66,15 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, read in 4 MiB pieces (checkpoints can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_meta(run_dir: str | os.PathLike, meta: dict[str, Any]) -> None:

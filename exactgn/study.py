@@ -44,18 +44,18 @@ from __future__ import annotations
 
 import argparse
 import csv
-import difflib
 import io
 import json
 import re
+import shutil
 import sys
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import ConfigError, RunConfig, find_config, load_config, to_dict, toml_value
-from .runlog import atomic_write_text, read_meta, run_state
+from .config import (ConfigError, RunConfig, find_config, find_shipped, flatten, load_config, parse_override, read_toml,
+                     to_dict, toml_value)
+from .runlog import atomic_write_text, file_sha256, read_meta, run_state
 
 __all__ = [
     "STUDIES_DIR",
@@ -110,32 +110,16 @@ def list_studies() -> list[str]:
 
 def find_study(name: str | Path) -> Path:
     """A study file: an existing path, else a shipped study name (``.toml`` optional)."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    stem = str(name)[:-5] if str(name).endswith(".toml") else str(name)
-    shipped = STUDIES_DIR / f"{stem}.toml"
-    if shipped.is_file():
-        return shipped
-    names = list_studies()
-    close = difflib.get_close_matches(stem, names, n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; shipped studies: {', '.join(names)}"
-    raise ConfigError(f"study {str(name)!r}: no such file, and no shipped study of that name{hint}")
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return find_shipped(name, STUDIES_DIR, list_studies(), "study", ("study", "studies"))
 
 
 def study_kind(path: str | Path) -> str:
     """``"sweep"`` (the file has ``base``) or ``"runs"`` (it has ``[[run]]`` tables)."""
     path = find_study(path)
-    data = _read_toml(path)
+    return _kind(path, read_toml(path))
+
+
+def _kind(path: Path, data: dict[str, Any]) -> str:
     if "base" in data and "run" not in data:
         return "sweep"
     if "run" in data and "base" not in data:
@@ -163,8 +147,8 @@ def load_study(path: str | Path, overrides: Sequence[str] | dict[str, Any] = ())
     architectures match, an ``init_epoch`` checkpoint will be kept), so that mistakes surface before any training.
     """
     path = find_study(path).resolve()
-    data = _read_toml(path)
-    if study_kind(path) != "runs":
+    data = read_toml(path)
+    if _kind(path, data) != "runs":
         raise _fail(path, "", "this is a sweep file; run it with exactgn study (or exactgn sweep)")
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
@@ -179,7 +163,7 @@ def load_study(path: str | Path, overrides: Sequence[str] | dict[str, Any] = ())
     if not isinstance(runs_data, list) or not runs_data or not all(isinstance(r, dict) for r in runs_data):
         raise _fail(path, "", "[[run]] must be one or more tables")
     spec = StudySpec(name, path, str(data.get("description", "")), dict(fixed))
-    extra = dict(overrides) if isinstance(overrides, dict) else dict(_parse(o) for o in overrides)
+    extra = dict(overrides) if isinstance(overrides, dict) else dict(parse_override(o) for o in overrides)
     for i, r in enumerate(runs_data):
         where = f"run {i + 1}" + (f" ({r['name']})" if isinstance(r.get("name"), str) else "")
         bad = sorted(set(r) - _RUN_KEYS)
@@ -231,12 +215,6 @@ def load_study(path: str | Path, overrides: Sequence[str] | dict[str, Any] = ())
     return spec
 
 
-def _parse(text: str) -> tuple[str, Any]:
-    from .config import parse_override
-
-    return parse_override(text)
-
-
 def _check_dependency(path: Path, where: str, run: StudyRun, cfg: RunConfig, source: RunConfig) -> None:
     """The source run will produce weights this run can load."""
     if cfg.data.dataset != source.data.dataset:
@@ -278,27 +256,18 @@ def run_config(spec: StudySpec, run: StudyRun, out: Path | None = None, *, check
 
 
 # ---------------------------------------------------------------------------- running
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def _differences(run_dir: Path, cfg: RunConfig, run: StudyRun) -> list[str]:
     """Keys whose value in ``run_dir/config.toml`` differs from ``cfg`` (ignoring paths, devices and speed), and, for
     a run started from an earlier run, whether that source checkpoint has changed since (its SHA-256)."""
-    saved = _flat(to_dict(load_config(run_dir / "config.toml")))
-    now = _flat(to_dict(cfg))
+    saved = flatten(to_dict(load_config(run_dir / "config.toml")))
+    now = flatten(to_dict(cfg))
     ignored = _IGNORED_KEYS + (("model.init_from",) if run.init_from is not None else ())  # the study folder may move
     diffs = [f"{k} = {toml_value(saved.get(k))} there, {toml_value(now[k])} in the study"
              for k in now if k not in ignored and saved.get(k) != now[k]]
     if run.init_from is not None:
-        from .train import _sha256
-
         recorded = (read_meta(run_dir).get("init_from") or {}).get("sha256")
         source = Path(cfg.model.init_from)
-        if recorded and source.is_file() and _sha256(source) != recorded:
+        if recorded and source.is_file() and file_sha256(source) != recorded:
             diffs.append(f"it started from another version of {run.init_from}'s {source.name} (SHA-256 differs; "
                          f"{run.init_from} was retrained since)")
     return diffs
@@ -385,8 +354,7 @@ def _run_list(spec: StudySpec, out: Path, progress: bool) -> list[dict[str, Any]
                                  f"({'; '.join(diffs[:3])}{' ...' if len(diffs) > 3 else ''}); choose another --out "
                                  f"(or delete {run_dir} to rerun that run)")
         if state == "restart":  # a folder without checkpoint or config: nothing worth keeping
-            for child in sorted(run_dir.rglob("*"), reverse=True):
-                child.unlink() if child.is_file() or child.is_symlink() else child.rmdir()
+            shutil.rmtree(run_dir)
             state = "new"
         source = f" from {run.init_from}" + (f" epoch {run.init_epoch}" if run.init_epoch is not None else "")
         if state == "finished":
@@ -474,8 +442,8 @@ def _shipped_lines() -> list[str]:
     for name in list_studies():
         path = STUDIES_DIR / f"{name}.toml"
         try:
-            desc = str(_read_toml(path).get("description", ""))
-            kind = study_kind(path)
+            data = read_toml(path)
+            desc, kind = str(data.get("description", "")), _kind(path, data)
         except ConfigError:
             desc, kind = "(unreadable)", "?"
         lines.append(f"  {name:<28} [{kind}] {desc}")

@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as _dt
-import hashlib
 import math
 import os
 import platform
@@ -41,14 +40,15 @@ from torch import Tensor
 
 from . import __version__
 from .checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint, save_weights
-from .config import ConfigError, RunConfig, apply_overrides, from_dict, load_config, to_dict, toml_value, write_config
+from .config import (ConfigError, RunConfig, apply_overrides, flatten, from_dict, load_config, to_dict, toml_value,
+                     write_config)
 from .data import DataSplit, load_dataset, random_resized_crop
 from .errors import NonFiniteError
 from .linalg import GramFallbackWarning
 from .losses import as_target_rows, loss_value
 from .model import RevMLP
 from .optim import GaussNewton
-from .runlog import RunLog, read_meta, truncate_logs, write_meta
+from .runlog import RunLog, file_sha256, read_meta, truncate_logs, write_meta
 
 __all__ = [
     "EpochCallback",
@@ -149,14 +149,6 @@ def resolve_init_from(path: str | os.PathLike) -> Path:
     return resolved
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_init_weights(model: RevMLP, path: str | os.PathLike) -> dict[str, Any]:
     """Load the weights (and the fixed bottlenecks and readout) of an earlier run's checkpoint into ``model``.
 
@@ -191,7 +183,7 @@ def load_init_weights(model: RevMLP, path: str | os.PathLike) -> dict[str, Any]:
     epoch = payload.get("epoch")
     return {
         "path": str(file),
-        "sha256": _sha256(file),
+        "sha256": file_sha256(file),
         "epoch": int(epoch) if isinstance(epoch, int) else None,
         "global_step": payload.get("global_step"),
         "optimiser": payload.get("optimizer_name") or (source_cfg.get("optim", {}) or {}).get("name"),
@@ -763,7 +755,7 @@ def _check_resumable(cfg: RunConfig, meta: dict[str, Any], payload: dict[str, An
                          f"--set train.epochs=N (N > {cfg.train.epochs})")
     saved = dict(payload["config"])
     now = to_dict(cfg)
-    for key in _flat_keys(now):
+    for key in flatten(now):
         if key in RESUMABLE_KEYS:
             continue
         if _lookup(saved, key) != _lookup(now, key):
@@ -771,13 +763,6 @@ def _check_resumable(cfg: RunConfig, meta: dict[str, Any], payload: dict[str, An
                              f"{_lookup(saved, key)!r}; a resumed run must keep its configuration")
     if payload["epoch"] > cfg.train.epochs:
         raise ValueError(f"train.epochs = {cfg.train.epochs} is below the {payload['epoch']} epochs already done")
-
-
-def _flat_keys(d: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for k, v in d.items():
-        keys.extend(_flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"])
-    return keys
 
 
 def _lookup(d: dict[str, Any], key: str) -> Any:
