@@ -13,16 +13,16 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import tomllib
 from pathlib import Path
 from typing import Any, Sequence
 
+from exactgn.config import read_toml
 from exactgn.diagnostics import read_diagnostics
 from exactgn.runlog import read_meta, read_rows
 
 
 def _config(run: Path) -> dict[str, Any]:
-    return tomllib.loads((run / "config.toml").read_text())
+    return read_toml(run / "config.toml")
 
 
 def _fmt(v: float | None, digits: int = 4) -> str:
