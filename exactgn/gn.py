@@ -112,8 +112,9 @@ def _column_step(
     ``c`` columns; for the identity activation with ``h > n``, ``A = [u, 1]·diag(C, 1) = [u L, 1]·diag(Q, 1)``
     with ``C = L Q`` (:meth:`HalfLayer.proj_lq`), so ``M = [u L, 1]`` and ``P = diag(Qᵀ, 1)``. The regularised
     ``M⁺R = (MᵀM + λI)⁻¹MᵀR`` (or truncated) is then a ``c × c`` solve, and its singular-value cut-offs mean
-    what they mean for ``A``. A rank-deficient ``M`` (constant pixels, dead features) gets the minimum-norm
-    least-squares answer from the eigen-solve fall-back.
+    what they mean for ``A``. ``M`` is often rank-deficient (constant pixels, dead features), and the normal
+    equations are consistent, so a Cholesky solve would pass its residual check while adding null-space components
+    of any size: the unregularised solve is the minimum-norm eigen-solve (``min_norm=True``).
     """
     layer, bias, name = record.layer, record.layer.bias is not None, record.name
     factored = layer.activation == "identity" and layer.proj is not None and layer.width > layer.n
@@ -122,7 +123,7 @@ def _column_step(
         cols = _with_ones(record.inputs @ lower, bias)
     else:
         cols = _with_ones(record.features, bias)
-    coef, info = gram_solve(cols.T @ cols, cols.T @ rhs, reg, solve_dtype=solve_dtype, warn=False,
+    coef, info = gram_solve(cols.T @ cols, cols.T @ rhs, reg, solve_dtype=solve_dtype, min_norm=True, warn=False,
                             what=f"{name} column Gram")
     top = coef[:-1] if bias else coef
     out = {f"{name}.weight": top.T @ q if factored else top.T}

@@ -56,8 +56,9 @@ class Regularisation:
 
 @dataclass
 class SolveInfo:
-    """How one Gram solve went: ``method`` is ``"cholesky"``, ``"eigh"`` (truncation asked for) or
-    ``"eigh-fallback"`` (Cholesky failed); ``rank`` is how many directions were kept out of ``size``."""
+    """How one Gram solve went: ``method`` is ``"cholesky"``, ``"eigh"`` (truncation asked for),
+    ``"eigh-fallback"`` (Cholesky failed) or ``"eigh-lstsq"`` (a minimum-norm solve was asked for);
+    ``rank`` is how many directions were kept out of ``size``."""
 
     method: str
     size: int
@@ -71,6 +72,7 @@ def gram_solve(
     *,
     solve_dtype: torch.dtype | None = None,
     lower_only: bool = False,
+    min_norm: bool = False,
     warn: bool = True,
     what: str = "Gram matrix",
 ) -> tuple[Tensor, SolveInfo]:
@@ -80,6 +82,10 @@ def gram_solve(
     ``R``'s dtype. ``lower_only``: only the lower triangle of ``gram`` is meaningful (the strictly upper part
     may hold anything). ``warn``: warn when the unregularised solve falls back to least squares; ``what`` names the matrix.
 
+    ``min_norm``: the caller needs the minimum-norm solution of a system that may be singular but is consistent
+    (normal equations ``MᵀM c = MᵀR``): there a Cholesky solve can pass the residual check and still carry huge
+    null-space components, so the unregularised solve goes straight to the eigen-solve without the null space.
+
     A Cholesky factorisation can succeed on a numerically singular Gram and return a meaningless ``S``, so the
     unregularised solve is accepted only when its residual ``‖K S − R‖`` is below ``√(2u)·‖R‖``, with ``u``
     the unit roundoff of the products (:func:`exactgn.precision.unit_roundoff`: TF32 counts when it is on).
@@ -88,7 +94,7 @@ def gram_solve(
     out_dtype = rhs.dtype
     if solve_dtype is not None and solve_dtype != gram.dtype:
         gram, rhs = gram.to(solve_dtype), rhs.to(solve_dtype)
-    if not reg.truncates:
+    if not reg.truncates and not (min_norm and reg.damping == 0):
         system = gram
         if reg.damping:
             system = gram.clone()
@@ -116,9 +122,9 @@ def gram_solve(
         sigma_cut = max(reg.rtol * math.sqrt(float(lam_max)), reg.atol)
         keep = (evals > sigma_cut**2) & (evals > 0)
         method = "eigh"
-    else:
+    else:  # drop the numerically zero eigenvalues: the null space
         keep = evals > n * torch.finfo(evals.dtype).eps * lam_max
-        method = "eigh-fallback"
+        method = "eigh-lstsq" if min_norm else "eigh-fallback"
     inv = torch.where(keep, 1.0 / (evals + reg.damping).where(keep, 1.0), 0.0)
     sol = evecs @ (inv[:, None] * (evecs.T @ rhs))
     return sol.to(out_dtype), SolveInfo(method, n, int(keep.sum()))
