@@ -25,6 +25,7 @@ from .model import HalfLayerRecord, RevMLP
 
 __all__ = [
     "INVERSES",
+    "check_exactness",
     "GNResult",
     "gn_direction",
     "compute_direction",
@@ -251,7 +252,9 @@ def _check_model(model: object) -> RevMLP:
     return model
 
 
-def _check_exactness(model: RevMLP, batch: int, inverse: str, least_squares: bool) -> None:
+def check_exactness(model: RevMLP, batch: int, inverse: str, least_squares: bool = False) -> None:
+    """The exactness rule (DESIGN §3): raise :class:`InexactStepError` when a GN step of ``inverse`` on a
+    batch of ``batch`` samples cannot be exact for ``model`` (unless ``least_squares`` accepts that)."""
     if least_squares:
         return
     if inverse == "right" and batch > model.max_exact_batch:
@@ -302,7 +305,7 @@ def compute_direction(
     logits, records = model.trace(inputs)
     batch = logits.shape[0]
     rows = as_target_rows(targets, model.num_classes, batch, logits, loss)
-    _check_exactness(model, batch, inverse, least_squares or not reg.exact)
+    check_exactness(model, batch, inverse, least_squares or not reg.exact)
     with torch.no_grad():
         v = newton_target(logits, rows, loss, hessian)
         solver = _right_inverse if inverse == "right" else _min_norm

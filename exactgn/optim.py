@@ -16,12 +16,13 @@ from .gn import INVERSES, GNResult, compute_direction
 from .linalg import Regularisation
 from .losses import HESSIANS, LOSSES, check_choice
 from .model import RevMLP
+from .precision import DTYPES
 
 __all__ = ["GaussNewton"]
 
 # Settings that define the GN direction itself: one value for the whole model.
 _DIRECTION_KEYS = ("loss", "hessian", "inverse", "rtol", "atol", "damping", "least_squares", "solve_dtype")
-_SOLVE_DTYPES = {None: None, "float32": torch.float32, "float64": torch.float64}
+_SOLVE_DTYPES = {None: None, **DTYPES}
 
 
 class GaussNewton(torch.optim.Optimizer):

@@ -24,12 +24,23 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["ERROR_BOUNDS", "matmul_precision", "tf32_enabled", "unit_roundoff"]
+__all__ = ["DTYPES", "ERROR_BOUNDS", "dtype_from_name", "matmul_precision", "tf32_enabled", "unit_roundoff"]
+
+#: The floating-point dtypes exactgn computes in, by the names configurations and options use.
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
 
 #: Documented relative error bounds of a GN direction for each precision, on well-conditioned batches.
 ERROR_BOUNDS = {"float64": 1e-10, "float32": 1e-5, "tf32": 1e-2}
 
 _TF32_UNIT_ROUNDOFF = 2.0**-11  # 10 explicit mantissa bits
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """``"float32"`` → ``torch.float32``, ``"float64"`` → ``torch.float64``; a clear error otherwise."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"dtype {name!r}: expected one of {', '.join(DTYPES)}") from None
 
 
 def tf32_enabled() -> bool:

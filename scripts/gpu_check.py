@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import exactgn
-from exactgn.bench import BenchConfig, format_table, run_bench
+from exactgn.lab.bench import BenchConfig, format_table, run_bench
 
 REFERENCE = {
     "cifar10": dict(features=3072, hidden=8000, blocks=6, batch=1000),

@@ -44,7 +44,7 @@ TIMING_RUNS = [  # (config, epochs)
     ("cifar10-minibatch/adam", 1),
     ("cifar10-fullbatch/gn", 10),
 ]
-INVERSE_SET = [  # the settings of exactgn/studies/inverse/minibatch.toml
+INVERSE_SET = [  # the settings of exactgn/lab/configs/studies/inverse/minibatch.toml
     "optim.gn.least_squares=true", "optim.gn.solve_dtype=float64", "diagnostics.enabled=true",
     "diagnostics.every=2", "train.threads=2",
 ]

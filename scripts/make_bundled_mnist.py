@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Make ``exactgn/assets/mnist_small.npz``, the small real MNIST subset bundled with exactgn.
+"""Make ``exactgn/lab/assets/mnist_small.npz``, the small real MNIST subset bundled with exactgn.
 
 From the official MNIST files (``ROOT/MNIST/raw/*-ubyte.gz``) it takes, in file order, the first
 ``--train-per-class`` training images of every class and the first ``--test-per-class`` test images of every
 class, keeping their original order (classes stay interleaved). It stores uint8 pixels, labels and each image's
 index in the original file. The archive is written byte-for-byte reproducibly (fixed zip timestamps), so its
 SHA-256 depends only on the inputs and the options; it is printed at the end and must be recorded in
-``exactgn.data.BUNDLED_MNIST_SHA256``.
+``exactgn.lab.data.BUNDLED_MNIST_SHA256``.
 
     python scripts/make_bundled_mnist.py --data-root ../shared/data
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exactgn.data import BUNDLED_MNIST, read_mnist, resolve_root
+from exactgn.lab.data import BUNDLED_MNIST, read_mnist, resolve_root
 
 
 def first_per_class(labels: np.ndarray, per_class: int, num_classes: int = 10) -> np.ndarray:

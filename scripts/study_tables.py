@@ -16,9 +16,9 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
-from exactgn.config import read_toml
-from exactgn.diagnostics import read_diagnostics
-from exactgn.runlog import read_meta, read_rows
+from exactgn.lab.config import read_toml
+from exactgn.lab.diagnostics import read_diagnostics
+from exactgn.lab.rundir import read_meta, read_rows
 
 
 def _config(run: Path) -> dict[str, Any]:

@@ -91,8 +91,8 @@ TINY_RUNS = (
 def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A sweep folder of four genuine ``exactgn train`` runs on the bundled MNIST (64 images, 2 epochs, diagnostics
     on, epoch checkpoints kept): GN full-batch with seeds 0 and 1, Adam full-batch and Adam mini-batch (B=16)."""
-    from exactgn.config import loads_config
-    from exactgn.train import train
+    from exactgn.lab.config import loads_config
+    from exactgn.lab.train import train
 
     sweep = tmp_path_factory.mktemp("sweep")
     base = loads_config(TINY_RUN_TOML)

@@ -9,7 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import exactgn
-from exactgn.bench import step_flops
+from exactgn.lab.bench import step_flops
 from exactgn.cli import main
 
 

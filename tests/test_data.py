@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from exactgn import data as D
+from exactgn.lab import data as D
 
 from conftest import data_root
 
-# The SHA-256 of exactgn/assets/mnist_small.npz, recorded here as well as in the package: changing the bundle
+# The SHA-256 of exactgn/lab/assets/mnist_small.npz, recorded here as well as in the package: changing the bundle
 # must be a deliberate change of both.
 BUNDLED_SHA256 = "a92864861dbffded480439dd76ab960e2d417ce75070fc285763bd8050b399b8"
 

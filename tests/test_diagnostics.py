@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import exactgn
-from exactgn import diagnostics as dg
+from exactgn.lab import diagnostics as dg
 from exactgn.cli import main as cli_main
 
 from conftest import jacobian, random_model

@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 
-from exactgn import diagnostics as dg
-from exactgn import report as rp
+from exactgn.lab import diagnostics as dg
+from exactgn.lab import report as rp
 from exactgn.cli import main as cli_main
 
 from conftest import TINY_RUNS
@@ -141,8 +141,8 @@ def test_report_errors(tiny_runs, tmp_path, capsys):
 def test_training_diagnostics_survive_a_resume(tmp_path):
     """A resumed run rebuilds the initial model from its config: its records equal an uninterrupted run's (the
     first record after the resume has no ntk_rate, whose previous kernel was in the stopped process)."""
-    from exactgn.config import loads_config
-    from exactgn.train import train
+    from exactgn.lab.config import loads_config
+    from exactgn.lab.train import train
 
     from conftest import TINY_RUN_TOML
 

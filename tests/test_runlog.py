@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from exactgn.runlog import run_state
+from exactgn.lab.rundir import run_state
 
 
 def _folder(tmp_path: Path, status: str | None, checkpoint: bool, meta: str | None = None) -> Path:

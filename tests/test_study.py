@@ -11,16 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from exactgn import train as T
-from exactgn.checkpoint import load_checkpoint
+from exactgn.lab import train as T
+from exactgn.lab.steppers import build_model, build_optimizer
+from exactgn.lab.checkpoint import load_checkpoint
 from exactgn.cli import main as cli_main
-from exactgn.config import ConfigError, apply_overrides, dumps, from_dict, load_config, loads_config, to_dict
-from exactgn.diagnostics import read_diagnostics
+from exactgn.lab.config import ConfigError, apply_overrides, dumps, from_dict, load_config, loads_config, to_dict
+from exactgn.lab.diagnostics import read_diagnostics
 from exactgn.gn import jvp_logits
 from exactgn.optim import GaussNewton
-from exactgn.runlog import read_meta, read_rows
-from exactgn.study import STUDIES_DIR, list_studies, load_study, plan, run_config, run_study, study_kind
-from exactgn.sweep import load_sweep, make_trials, run_sweep
+from exactgn.lab.rundir import read_meta, read_rows
+from exactgn.lab.study import STUDIES_DIR, list_studies, load_study, plan, run_config, run_study, study_kind
+from exactgn.lab.sweep import load_sweep, make_trials, run_sweep
 
 TINY_RUN = """
 name = "tiny"
@@ -279,7 +280,7 @@ def test_every_appendix_study_ships_in_both_sizes_and_loads():
         assert plan(path)
     # pyproject ships them
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
-    assert "studies/**/*.toml" in pyproject["tool"]["setuptools"]["package-data"]["exactgn"]
+    assert "configs/**/*.toml" in pyproject["tool"]["setuptools"]["package-data"]["exactgn.lab"]
 
 
 def _tiny_sweep(tmp_path: Path, name: str, extra: dict | None = None) -> Path:
@@ -342,8 +343,8 @@ def test_weight_decay_sweep_shrinks_the_weights_by_lr_times_wd(tmp_path):
 
 def _one_step(cfg, x, y, *, dtype=torch.float64):
     cfg = from_dict(apply_overrides(to_dict(cfg), {"model.dtype": "float64"}))
-    model = T.build_model(cfg, 784, 10)
-    opt = T.build_optimizer(cfg, model)
+    model = build_model(cfg, 784, 10)
+    opt = build_optimizer(cfg, model)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     torch.manual_seed(0)
     opt.step(x.to(dtype), y)
@@ -357,7 +358,7 @@ def _norm(delta: dict[str, torch.Tensor]) -> float:
 
 
 def test_regularisation_study_varies_one_knob_at_a_time():
-    from exactgn.data import load_dataset
+    from exactgn.lab.data import load_dataset
 
     spec = load_study("gn-regularisation-cpu", TINY)
     data = load_dataset("mnist-small", train_size=32, test_size=10, dtype=torch.float64)
@@ -444,7 +445,7 @@ def test_inverse_sweeps_pair_the_two_inverses_and_differ_only_in_truncation(size
 def test_inverse_cpu_trials_make_the_same_function_step_with_different_parameter_steps():
     """The premise of the comparison, on the shipped CPU trials (shrunk): per seed, right and pinv change the logits
     of the batch by the same J·Δθ = lr·v, and pinv's parameter step is the shorter (minimum norm)."""
-    from exactgn.data import load_dataset
+    from exactgn.lab.data import load_dataset
 
     spec = load_sweep(STUDIES_DIR / "inverse" / "minibatch-cpu.toml")
     data = load_dataset("mnist-small", train_size=32, test_size=10, dtype=torch.float64)

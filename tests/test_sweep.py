@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from exactgn.config import ConfigError
-from exactgn.sweep import load_sweep, make_trials, run_sweep
+from exactgn.lab.config import ConfigError
+from exactgn.lab.sweep import load_sweep, make_trials, run_sweep
 
 TINY = """
 name = "tiny"
@@ -137,7 +137,7 @@ def test_a_diverged_trial_is_kept_and_the_sweep_goes_on(tmp_path):
 
 
 def test_shipped_example_sweeps_are_valid():
-    root = Path(__file__).resolve().parents[1] / "exactgn" / "sweeps"
+    root = Path(__file__).resolve().parents[1] / "exactgn" / "lab" / "configs" / "sweeps"
     files = sorted(root.glob("*.toml"))
     assert files
     for path in files:

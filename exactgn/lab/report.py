@@ -13,7 +13,6 @@ of every block against initialisation, and the weight change of every half-layer
 
 from __future__ import annotations
 
-import argparse
 import base64
 import csv
 import datetime as _dt
@@ -37,7 +36,7 @@ from .diagnostics import DIAGNOSTICS_FILE, loss_change_summary, read_diagnostics
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["ReportError", "Run", "Series", "Panel", "find_runs", "load_run", "group_runs", "aggregate_seeds", "make_report", "add_parser"]
+__all__ = ["ReportError", "Run", "Series", "Panel", "find_runs", "load_run", "group_runs", "aggregate_seeds", "make_report"]
 
 REQUIRED_FILES = ("config.toml", "meta.json", "epochs.csv")
 RUN_MARKERS = REQUIRED_FILES + ("steps.csv",)
@@ -613,7 +612,7 @@ def _environment() -> dict[str, str]:
     import numpy
     import torch
 
-    from . import __version__
+    from .. import __version__
 
     env = {
         "exactgn": __version__, "python": platform.python_version(), "torch": torch.__version__,
@@ -753,34 +752,3 @@ def make_report(
     tmp.write_text(_html(runs, panels, figures, band, title, cross), encoding="utf-8")
     os.replace(tmp, page)
     return page
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "report",
-        help="PNG figures and one self-contained HTML page from run folders",
-        description="Read run folders (or folders of run folders, searched recursively) and write PNG figures and "
-        "one self-contained HTML page (figures embedded, summary tables, every run's configuration, meta and git "
-        "revision, and the environment). Runs are grouped by dataset and full-/mini-batch setting; seeds of one "
-        "setting are drawn as mean and band.",
-    )
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or folders containing run folders")
-    p.add_argument("--out", metavar="DIR", default="report", help="output folder (default ./report)")
-    p.add_argument("--band", choices=("minmax", "std"), default="minmax",
-                   help="band drawn around the mean over seeds: min–max (default) or ±1 std")
-    p.add_argument("--title", default="exactgn report", help="title of the HTML page")
-    p.add_argument("--cross-cka", action="store_true",
-                   help="also compute CKA between the final models of every pair of series (optimiser against "
-                   "optimiser); needs the runs' checkpoints and data")
-    p.add_argument("--probe-size", type=int, default=256, help="probe images for --cross-cka (default 256)")
-    p.add_argument("--data-root", metavar="DIR", help="data root for --cross-cka (default: the runs' data.root, "
-                   "else $EXACTGN_DATA)")
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    page = make_report(args.run_dirs, args.out, band=args.band, title=args.title, cross_cka=args.cross_cka,
-                       probe_size=args.probe_size, data_root=args.data_root)
-    pngs = sorted(p.name for p in page.parent.glob("*.png"))
-    print(f"wrote {page} and {len(pngs)} figure(s) in {page.parent}")
-    return 0

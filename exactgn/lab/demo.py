@@ -8,23 +8,19 @@ saturating. Prints both tables and where the runs are.
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
-import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
 from .compare import compare, comparison_rows
-from .runlog import read_rows
-from .train import TrainingInterrupted
+from .rundir import read_rows
 
-__all__ = ["SETTINGS", "run_demo", "add_parser"]
+__all__ = ["SETTINGS", "run_demo", "reading"]
 
 SETTINGS = ("demo-fullbatch", "demo-minibatch")
 
 
-def _reading(out: Path) -> str:
+def reading(out: Path) -> str:
     """A few plain sentences on what the tables show (computed from the runs, not assumed)."""
     lines = []
     fb = {r["optimiser"]: r for r in comparison_rows({o: out / "demo-fullbatch" / o for o in ("gn", "adam", "sgd")})}
@@ -56,43 +52,3 @@ def run_demo(out_dir: str | Path | None = None, *, overrides: Sequence[str] = ()
     for setting in SETTINGS:
         compare(setting, out_dir / setting, overrides=overrides, progress=progress, epoch_lines=False)
     return out_dir
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="start here: GN vs Adam vs SGD on the bundled MNIST subset (CPU, ~2-3 minutes)",
-        description="The first thing to run. Trains a RevMLP (L=2, h=1024) on the small MNIST subset bundled with "
-        "exactgn (no download) with exact Gauss-Newton, Adam and SGD at the reference study's learning rates: "
-        "once full-batch (1024 images, 20 steps) and once with mini-batches (5000 images, batches of 1000/1024, "
-        "15 epochs). Prints the two comparison tables (final and best train/test loss and accuracy). About two to "
-        "three minutes on two CPU cores.",
-    )
-    p.add_argument("--out", metavar="DIR", help="folder for the runs (default runs/demo-<time>)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key in every run (e.g. train.epochs=5); repeatable")
-    p.add_argument("--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
-    start = time.perf_counter()
-    print("exactgn demo: exact Gauss-Newton vs Adam vs SGD on the bundled MNIST subset "
-          "(RevMLP d=784, L=2, h=1024; reference learning rates).", flush=True)
-    try:
-        out = run_demo(args.out, overrides=overrides, progress=not args.quiet)
-    except TrainingInterrupted as exc:
-        print(f"exactgn demo: {exc}", file=sys.stderr)
-        return 130
-    for setting in SETTINGS:
-        print()
-        print((out / setting / "comparison.md").read_text(), end="")
-    reading = _reading(out)
-    if reading:
-        print()
-        print(reading)
-    print(f"\nRuns, logs and tables are in {out}/ (see docs/run-folder.md); demo took {time.perf_counter() - start:.0f} s.")
-    print("Next: exactgn compare mnist-fullbatch-cpu --data-root DIR (real MNIST), exactgn train --help.")
-    return 0

@@ -35,7 +35,6 @@ resumes interrupted ones. On a multi-machine Ray cluster, ``OUT`` must be on a f
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import itertools
@@ -45,12 +44,12 @@ import random
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .config import ConfigError, RunConfig, find_config, load_config, toml_value
-from .runlog import atomic_write_text, run_state
+from .rundir import atomic_write_text, run_state
 
-__all__ = ["SweepSpec", "Trial", "load_sweep", "make_trials", "run_sweep", "add_parser"]
+__all__ = ["SweepSpec", "Trial", "load_sweep", "make_trials", "run_sweep"]
 
 METHODS = ("grid", "random")
 BACKENDS = ("auto", "ray", "sequential")
@@ -175,7 +174,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
         try:
             _trial_config(spec, trial)
         except ConfigError as exc:
-            raise _fail(src, f"{trial.name} ({_describe(trial.overrides)}): {exc}") from exc
+            raise _fail(src, f"{trial.name} ({describe_overrides(trial.overrides)}): {exc}") from exc
     return spec
 
 
@@ -208,7 +207,7 @@ def _trial_config(spec: SweepSpec, trial: Trial) -> RunConfig:
     return load_config(spec.base, overrides)
 
 
-def _describe(overrides: dict[str, Any]) -> str:
+def describe_overrides(overrides: dict[str, Any]) -> str:
     return ", ".join(f"{k}={toml_value(v)}" for k, v in overrides.items()) or "base"
 
 
@@ -234,7 +233,7 @@ def run_trial(spec_path: str, out: str, index: int, overrides: dict[str, Any]) -
         train(_trial_config(spec, trial), run_dir, progress=False)
     elif state == "resume":
         train(None, resume=run_dir, progress=False)
-    return {**summarise_run(run_dir), "trial": trial.name, "overrides": _describe(overrides)}
+    return {**summarise_run(run_dir), "trial": trial.name, "overrides": describe_overrides(overrides)}
 
 
 def _ray_available() -> bool:
@@ -301,7 +300,7 @@ def _run_ray(spec: SweepSpec, spec_path: Path, out: Path, trials: list[Trial], p
         signal.signal(signal.SIGINT, sigint)
     from .compare import summarise_run
 
-    return [{**summarise_run(out / t.name), "trial": t.name, "overrides": _describe(t.overrides)} for t in trials]
+    return [{**summarise_run(out / t.name), "trial": t.name, "overrides": describe_overrides(t.overrides)} for t in trials]
 
 
 RESULT_FIELDS = ("trial", "overrides", "status", "epochs", "final_train_loss", "final_train_accuracy",
@@ -345,30 +344,5 @@ def run_sweep(
     return out
 
 
-# ---------------------------------------------------------------------------- CLI
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "sweep",
-        help="grid or random search over config keys, on Ray Tune or one trial after another",
-        description="Run every trial of SWEEP.toml (a base config plus [grid] or [random] keys to vary): with Ray "
-        "Tune when it is installed (one trial per GPU or per cpus_per_trial CPU slots, on a local Ray instance or "
-        "the cluster at [ray] address), else one after another. Each trial is a run folder OUT/trial-NNN; "
-        "OUT/results.csv holds final and best results. Rerunning skips finished trials and resumes interrupted "
-        "ones. `exactgn report OUT` draws the seeds of each setting as mean and band.",
-        epilog="example: exactgn sweep $(python -c 'import exactgn.sweep as s; print(s.EXAMPLE)')",
-    )
-    p.add_argument("sweep", metavar="SWEEP.toml", help="the sweep file (see the module docstring or the README)")
-    p.add_argument("--out", metavar="DIR", help="sweep folder (default sweeps/<name>)")
-    p.add_argument("--backend", choices=BACKENDS, help="override the file's backend")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.set_defaults(func=_main)
-
-
-EXAMPLE = str(Path(__file__).parent / "sweeps" / "demo-seeds-lr.toml")
-
-
-def _main(args: argparse.Namespace) -> int:
-    out = run_sweep(args.sweep, args.out, backend=args.backend, progress=not args.quiet)
-    print((out / "results.csv").read_text(), end="")
-    print(f"sweep folder: {out}")
-    return 0
+#: A shipped example sweep file.
+EXAMPLE = str(Path(__file__).parent / "configs" / "sweeps" / "demo-seeds-lr.toml")

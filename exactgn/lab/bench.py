@@ -7,8 +7,6 @@ comes to its floor.
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import statistics
 import time
@@ -18,11 +16,11 @@ from typing import Callable
 
 import torch
 
-from .model import RevMLP
-from .optim import GaussNewton
-from .precision import matmul_precision
+from ..model import RevMLP
+from ..optim import GaussNewton
+from ..precision import dtype_from_name, matmul_precision
 
-__all__ = ["BenchConfig", "run_bench", "step_flops", "format_table", "add_parser"]
+__all__ = ["BenchConfig", "run_bench", "step_flops", "format_table"]
 
 STEPS = ("forward", "adam_step", "gn_right_step", "gn_pinv_step")
 
@@ -141,7 +139,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, object]:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
-    dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
+    dtype = dtype_from_name(cfg.dtype)
     tf32_ctx = matmul_precision(cfg.tf32) if device.type == "cuda" else nullcontext()
     gen = torch.Generator().manual_seed(cfg.seed)
     x = torch.randn(cfg.batch, cfg.features, generator=gen).to(device, dtype)
@@ -237,58 +235,3 @@ def format_table(results: dict[str, object]) -> str:
 def _truncation(settings: dict[str, object]) -> str:
     rtol, atol = settings.get("rtol", 0.0), settings.get("atol", 0.0)
     return f", truncated: rtol={rtol:g} atol={atol:g}" if (rtol or atol) else ""
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "bench",
-        help="time forward, Adam and both GN steps on one model",
-        description="Time, in one process, the median of repeated steps of: a forward pass, an Adam step "
-        "(forward + backward + update), a GN step with the right inverse and a GN step with the minimum-norm "
-        "inverse (cross-entropy, identity Hessian, random data). Prints a table of medians and ratios to the "
-        "Adam step, with the counted FLOPs of each step.",
-    )
-    p.add_argument("--features", type=int, default=784, help="input size d (default 784)")
-    p.add_argument("--hidden", type=_hidden, default=1024, help="bottleneck width h, or 'none' (default 1024)")
-    p.add_argument("--blocks", type=int, default=2, help="coupling blocks L (default 2)")
-    p.add_argument("--batch", type=int, default=256, help="batch size B (default 256)")
-    p.add_argument("--classes", type=int, default=10, help="classes k (default 10)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--repeats", type=int, default=10, help="timed repetitions per step (default 10)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed repetitions first (default 2)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--solve-dtype", choices=("float32", "float64"), default=None,
-                   help="precision of the Gram factorisations (default: the model's)")
-    p.add_argument("--tf32", action="store_true", help="allow TF32 matrix products on CUDA")
-    p.add_argument("--rtol", type=float, default=0.0,
-                   help="truncate both GN steps' solves at rtol·σ_max (default 0: exact; the reference settings use "
-                   "1e-2). Truncated solves use eigendecompositions instead of Cholesky factorisations")
-    p.add_argument("--atol", type=float, default=0.0, help="absolute truncation (default 0; the reference uses 1e-5)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
-    p.set_defaults(func=_main)
-
-
-def _hidden(text: str) -> int | None:
-    return None if text.lower() == "none" else int(text)
-
-
-def _main(args: argparse.Namespace) -> int:
-    for name in ("features", "blocks", "batch", "classes", "repeats"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"exactgn bench: --{name} must be at least 1")
-    for name in ("rtol", "atol"):
-        if not getattr(args, name) >= 0:
-            raise SystemExit(f"exactgn bench: --{name} must be a number >= 0 (0 = no truncation)")
-    cfg = BenchConfig(
-        features=args.features, hidden=args.hidden, blocks=args.blocks, batch=args.batch, classes=args.classes,
-        device=args.device, repeats=args.repeats, warmup=args.warmup, dtype=args.dtype,
-        solve_dtype=args.solve_dtype, tf32=args.tf32, rtol=args.rtol, atol=args.atol, seed=args.seed,
-    )
-    results = run_bench(cfg)
-    print(format_table(results))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=2)
-        print(f"wrote {args.json}")
-    return 0

@@ -2,8 +2,8 @@
 
 A *study file* is either
 
-* a **sweep file** (it has ``base``; see :mod:`exactgn.sweep`): a grid or random search, run by
-  :func:`exactgn.sweep.run_sweep` into ``OUT/trial-NNN``; or
+* a **sweep file** (it has ``base``; see :mod:`exactgn.lab.sweep`): a grid or random search, run by
+  :func:`exactgn.lab.sweep.run_sweep` into ``OUT/trial-NNN``; or
 * a **list of runs** (``[[run]]`` tables), run one after the other into ``OUT/<run name>/``, where a run may start
   from the weights of an earlier run of the same study (switching optimiser mid-run)::
 
@@ -36,13 +36,12 @@ start from it are skipped. ``OUT/study.json`` lists the runs; ``OUT/results.csv`
 final and best results per run, with ``start_epoch`` (the source epoch a switched run starts from) so that its
 curve can be placed after its source's.
 
-Shipped studies live in ``exactgn/studies/`` (``exactgn study --list``), each as a reference-size file and a
+Shipped studies live in ``exactgn/lab/configs/studies/`` (``exactgn study --list``), each as a reference-size file and a
 CPU-sized ``*-cpu`` twin.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -55,7 +54,7 @@ from typing import Any, Sequence
 
 from .config import (ConfigError, RunConfig, find_config, find_shipped, flatten, load_config, parse_override, read_toml,
                      to_dict, toml_value)
-from .runlog import atomic_write_text, file_sha256, read_meta, run_state
+from .rundir import atomic_write_text, file_sha256, read_meta, run_state
 
 __all__ = [
     "STUDIES_DIR",
@@ -67,10 +66,9 @@ __all__ = [
     "load_study",
     "run_config",
     "run_study",
-    "add_parser",
 ]
 
-STUDIES_DIR = Path(__file__).resolve().parent / "studies"
+STUDIES_DIR = Path(__file__).resolve().parent / "configs" / "studies"
 
 _TOP_KEYS = {"name", "description", "set", "run"}
 _RUN_KEYS = {"name", "config", "set", "init_from", "init_epoch", "description"}
@@ -104,7 +102,7 @@ class StudySpec:
 
 # ---------------------------------------------------------------------------- finding and reading
 def list_studies() -> list[str]:
-    """Names of the shipped studies (``exactgn/studies/<name>.toml``)."""
+    """Names of the shipped studies (``exactgn/lab/configs/studies/<name>.toml``)."""
     return sorted(p.relative_to(STUDIES_DIR).with_suffix("").as_posix() for p in STUDIES_DIR.rglob("*.toml"))
 
 
@@ -296,7 +294,7 @@ def _result_row(spec: StudySpec, run: StudyRun, run_dir: Path, status: str | Non
 
 
 def _write_results(out: Path, rows: list[dict[str, Any]]) -> None:
-    from .compare import _fmt
+    from .compare import format_cell
 
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=RESULT_FIELDS, extrasaction="ignore", lineterminator="\n")
@@ -307,15 +305,15 @@ def _write_results(out: Path, rows: list[dict[str, Any]]) -> None:
              "| best test acc % (epoch) | loss change % | time s |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         start = f"{r['init_from']} ({r.get('start_epoch')})" if r.get("init_from") else "-"
-        best = _fmt(r.get("best_test_accuracy"), "acc")
+        best = format_cell(r.get("best_test_accuracy"), "acc")
         if r.get("best_test_accuracy_epoch") is not None:
             best += f" ({r['best_test_accuracy_epoch']})"
         change = r.get("final_mean_loss_change_pct")
         lines.append(f"| {r['run']} | {start} | {r.get('optimiser') or '-'} | {r.get('status') or '-'} "
                      f"| {r.get('epochs') if r.get('epochs') is not None else '-'} "
-                     f"| {_fmt(r.get('final_train_loss'), 'loss')} | {_fmt(r.get('final_test_loss'), 'loss')} "
-                     f"| {_fmt(r.get('final_test_accuracy'), 'acc')} | {best} "
-                     f"| {'-' if change is None else f'{change:.2f}'} | {_fmt(r.get('wall_time_s'), 'time')} |")
+                     f"| {format_cell(r.get('final_train_loss'), 'loss')} | {format_cell(r.get('final_test_loss'), 'loss')} "
+                     f"| {format_cell(r.get('final_test_accuracy'), 'acc')} | {best} "
+                     f"| {'-' if change is None else f'{change:.2f}'} | {format_cell(r.get('wall_time_s'), 'time')} |")
     atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
 
 
@@ -383,7 +381,7 @@ def run_study(
 ) -> Path:
     """Run a study file (shipped name or path) into ``out`` (default ``runs/studies/<name>``); returns that folder.
 
-    A sweep file goes to :func:`exactgn.sweep.run_sweep` (``backend`` applies; ``overrides`` are refused: put them in
+    A sweep file goes to :func:`exactgn.lab.sweep.run_sweep` (``backend`` applies; ``overrides`` are refused: put them in
     the sweep's ``[set]``); a list of runs is run in order (``overrides`` apply to every run).
     """
     path = find_study(study).resolve()
@@ -417,11 +415,11 @@ def plan(study: str | Path, overrides: Sequence[str] = ()) -> str:
     """What :func:`run_study` would run, one line per run or trial (``--dry-run``)."""
     path = find_study(study).resolve()
     if study_kind(path) == "sweep":
-        from .sweep import _describe, load_sweep, make_trials
+        from .sweep import describe_overrides, load_sweep, make_trials
 
         sweep = load_sweep(path)
         lines = [f"sweep {sweep.name} ({len(make_trials(sweep))} trials of {sweep.base}): {sweep.description}"]
-        lines += [f"  {t.name}: {_describe(t.overrides)}" for t in make_trials(sweep)]
+        lines += [f"  {t.name}: {describe_overrides(t.overrides)}" for t in make_trials(sweep)]
         return "\n".join(lines) + "\n"
     spec = load_study(path, overrides)
     lines = [f"study {spec.name} ({len(spec.runs)} runs): {spec.description}"]
@@ -437,7 +435,7 @@ def plan(study: str | Path, overrides: Sequence[str] = ()) -> str:
 
 
 # ---------------------------------------------------------------------------- CLI
-def _shipped_lines() -> list[str]:
+def shipped_lines() -> list[str]:
     lines = []
     for name in list_studies():
         path = STUDIES_DIR / f"{name}.toml"
@@ -448,70 +446,3 @@ def _shipped_lines() -> list[str]:
             desc, kind = "(unreadable)", "?"
         lines.append(f"  {name:<28} [{kind}] {desc}")
     return lines
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    from .train import _wrap, add_common_options
-
-    p = sub.add_parser(
-        "study",
-        help="run an appendix study (a sweep, or a list of dependent runs such as switching optimiser)",
-        description="\n\n".join([
-            _wrap("Run a study: a shipped one by name (exactgn study --list) or a TOML file. A study file is either a "
-                  "sweep file (base + [grid]/[random], as exactgn sweep reads it: trials go to OUT/trial-NNN) or a list "
-                  "of [[run]] tables run one after the other into OUT/<run name>/; a run with init_from = \"NAME\" "
-                  "starts from the final weights of the earlier run NAME (or, with init_epoch = N, from its "
-                  "checkpoints/epoch_NNNN.pt) with a fresh optimiser: Adam for N epochs then GN, and so on."),
-            _wrap("Rerunning the same command skips finished runs and resumes interrupted ones. OUT/results.csv and "
-                  "OUT/results.md hold final and best results per run (start_epoch: where a switched run starts on "
-                  "its source's epoch axis); exactgn report OUT draws the runs. Default OUT: runs/studies/<name>."),
-        ]),
-        epilog="shipped studies:\n" + "\n".join(_shipped_lines()),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("study", nargs="?", metavar="STUDY", help="shipped study name or a TOML file")
-    p.add_argument("--out", metavar="DIR", help="study folder (default runs/studies/<name>); rerun with the same DIR to resume")
-    p.add_argument("--backend", choices=("auto", "ray", "sequential"), help="sweep files only: override the file's backend")
-    p.add_argument("--list", action="store_true", help="list the shipped studies and exit")
-    p.add_argument("--dry-run", action="store_true", help="print the runs (or trials) the study would make, and exit")
-    add_common_options(p)
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    import os
-
-    from .train import TrainingInterrupted, cli_overrides
-
-    if args.list:
-        print("\n".join(_shipped_lines()))
-        return 0
-    if not args.study:
-        raise ValueError("a STUDY is needed: a shipped study name (see exactgn study --list) or a TOML file")
-    overrides = list(args.overrides) + (["data.download=true"] if args.download else [])
-    if study_kind(args.study) == "sweep":
-        # Sweep trials read the data root and device from the environment / their own config.
-        if args.data_root:
-            os.environ["EXACTGN_DATA"] = str(Path(args.data_root).resolve())
-        if args.device:
-            raise ValueError("--device does not apply to sweep files; set \"train.device\" in the sweep's [set] table")
-    else:
-        overrides = cli_overrides(args)
-    if args.dry_run:
-        print(plan(args.study, overrides), end="")
-        return 0
-    try:
-        out = run_study(args.study, args.out, overrides=overrides, backend=args.backend, progress=not args.quiet)
-    except TrainingInterrupted as exc:
-        print(f"exactgn study: {exc}", file=sys.stderr)
-        print("exactgn study: continue the study with the same command (and --out, if you gave one)", file=sys.stderr)
-        return 130
-    if (out / "results.md").is_file() and study_kind(args.study) == "runs":
-        print((out / "results.md").read_text(), end="")
-        with open(out / "results.csv", newline="") as fh:
-            statuses = [r["status"] for r in csv.DictReader(fh)]
-        print(f"study folder: {out}")
-        return 0 if all(s == "finished" for s in statuses) else 1
-    print((out / "results.csv").read_text(), end="")
-    print(f"study folder: {out}")
-    return 0

@@ -13,7 +13,7 @@ The root is the ``root`` argument, else the environment variable ``EXACTGN_DATA`
 is read: a truncated, corrupt or mismatched file raises :class:`DataError` naming the file and what is wrong.
 
 ``mnist-small`` is a class-balanced subset of the real MNIST shipped inside the package
-(``exactgn/assets/mnist_small.npz``, made by ``scripts/make_bundled_mnist.py``); it needs no download.
+(``exactgn/lab/assets/mnist_small.npz``, made by ``scripts/make_bundled_mnist.py``); it needs no download.
 
 Images come out as float tensors ``N × C × H × W`` normalised with the reference statistics, labels as
 ``int64`` class indices ``N`` (:func:`one_hot` gives ``N × k`` rows).
@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import ExactGNError
-from .runlog import file_sha256
+from ..errors import ExactGNError
+from .rundir import file_sha256
 
 __all__ = [
     "DATASETS",
@@ -61,6 +61,7 @@ __all__ = [
 ]
 
 DATASETS = ("mnist", "cifar10", "mnist-small")
+SUBSETS = ("first", "balanced")  # how data.train_size images are chosen
 
 # Reference normalisation: (pixel/255 − mean)/std, per channel.
 MEAN_STD = {
@@ -374,7 +375,7 @@ def read_cifar10(root: str | os.PathLike) -> RawData:
 
 # ---------------------------------------------------------------------------- bundled MNIST
 def read_bundled_mnist(path: str | os.PathLike | None = None, *, check: bool = True) -> RawData:
-    """The small MNIST subset shipped with exactgn (``exactgn/assets/mnist_small.npz``), checksum-verified."""
+    """The small MNIST subset shipped with exactgn (``exactgn/lab/assets/mnist_small.npz``), checksum-verified."""
     path = BUNDLED_MNIST if path is None else Path(path)
     if not path.is_file():
         raise DataError(
@@ -386,7 +387,7 @@ def read_bundled_mnist(path: str | os.PathLike | None = None, *, check: bool = T
         if digest != BUNDLED_MNIST_SHA256:
             raise DataError(
                 f"{path}: SHA-256 {digest} differs from the recorded {BUNDLED_MNIST_SHA256}; the file is "
-                "corrupt or was regenerated without updating exactgn.data.BUNDLED_MNIST_SHA256"
+                "corrupt or was regenerated without updating exactgn.lab.data.BUNDLED_MNIST_SHA256"
             )
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -466,7 +467,7 @@ def select_subset(labels: np.ndarray, size: int, method: str = "first", seed: in
     """
     n = len(labels)
     if size <= 0 or size >= n:
-        if method not in ("first", "balanced"):
+        if method not in SUBSETS:
             raise ValueError(f"data.subset must be 'first' or 'balanced', got {method!r}")
         return np.arange(n, dtype=np.int64)
     if method == "first":

@@ -1,0 +1,643 @@
+"""One training loop for Gauss–Newton, Adam and SGD, full-batch and mini-batch, on any device.
+
+:func:`train` runs a :class:`~exactgn.lab.config.RunConfig` into a run folder (``docs/run-folder.md``): per-step and
+per-epoch logs, checkpoints every ``train.checkpoint_every`` epochs, at the end and on Ctrl-C, and
+``--resume``. On the CPU a resumed run ends with bit-identical weights to an uninterrupted one.
+
+Stopping:
+
+* Ctrl-C: the step in progress is finished, a checkpoint of the exact position (mid-epoch included) is written,
+  ``meta.json`` says ``interrupted``, and :class:`TrainingInterrupted` (a ``KeyboardInterrupt``) is raised.
+  A second Ctrl-C during a step aborts at once without writing (the last checkpoint stays valid).
+* A non-finite loss or parameter (or :class:`~exactgn.NonFiniteError` from the GN step) stops the run with
+  status ``diverged``; its last good checkpoint is kept and :func:`train` returns normally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import __version__
+from ..linalg import GramFallbackWarning
+from ..losses import as_target_rows, loss_value
+from ..model import RevMLP
+from ..precision import dtype_from_name
+from .checkpoint import (
+    load_checkpoint,
+    load_init_weights,
+    load_model,
+    resolve_init_from,
+    restore_rng_states,
+    rng_states,
+    save_checkpoint,
+    save_weights,
+)
+from .config import ConfigError, RunConfig, flatten, load_config, replace_key, with_overrides, to_dict, write_config
+from .data import DataSplit, load_dataset, random_resized_crop
+from .diagnostics import make_callback
+from .rundir import (
+    RunLog,
+    checkpoint_dir,
+    config_path,
+    epoch_checkpoint,
+    last_checkpoint,
+    meta_path,
+    provenance,
+    utc_now,
+    read_meta,
+    truncate_logs,
+    write_meta,
+)
+from .steppers import Diverged, Stepper, build_model, build_stepper, check_gn_batch, finite_loss
+
+__all__ = [
+    "EpochCallback",
+    "TrainingInterrupted",
+    "train",
+    "resolve_device",
+    "evaluate",
+    "new_run_dir",
+    "RESUMABLE_KEYS",
+]
+
+# Keys that may change when a run is resumed; anything else would make the continuation a different run.
+RESUMABLE_KEYS = (
+    "train.epochs", "train.checkpoint_every", "train.keep_checkpoints", "train.device", "train.threads",
+    "train.eval_batch_size", "data.root", "data.download",
+)
+
+
+class EpochCallback(Protocol):
+    """Called after every epoch (epoch 0 = before training) once the epoch's row is logged.
+
+    A returned dict is appended to ``diagnostics.jsonl`` together with ``epoch`` and ``diagnostics_time_s``.
+    """
+
+    def on_epoch_end(self, epoch: int, model: RevMLP, optimizer: torch.optim.Optimizer) -> dict | None: ...
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on Ctrl-C. ``run_dir``: the run folder; ``saved``: whether a checkpoint of the exact
+    position was written (otherwise the previous checkpoint, at epoch ``epochs_done``, is the resume point)."""
+
+    def __init__(self, run_dir: Path, saved: bool, epochs_done: int, global_step: int) -> None:
+        where = "a checkpoint of this position was saved" if saved else f"the checkpoint of epoch {epochs_done} is kept"
+        super().__init__(f"training interrupted at step {global_step}; {where}; resume with: exactgn train --resume {run_dir}")
+        self.run_dir, self.saved, self.epochs_done, self.global_step = run_dir, saved, epochs_done, global_step
+
+
+# ---------------------------------------------------------------------------- building blocks
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; a clear error for an unavailable device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {name!r} was asked for, but torch sees no CUDA device; use cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device: {name!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("train.device: 'mps' was asked for, but it is not available; use cpu or auto")
+    return device
+
+
+@torch.no_grad()
+def evaluate(model: RevMLP, images: Tensor, labels: Tensor, loss: str, batch_size: int) -> tuple[float, float]:
+    """Mean loss and accuracy of ``model`` over ``images`` (``N × ...``) and class ``labels`` (``N``)."""
+    model.eval()
+    n = labels.shape[0]
+    total = torch.zeros((), dtype=torch.float64, device=labels.device)
+    correct = torch.zeros((), dtype=torch.int64, device=labels.device)
+    for lo in range(0, n, batch_size):
+        x, y = images[lo : lo + batch_size], labels[lo : lo + batch_size]
+        logits = model(x)
+        rows = as_target_rows(y, model.num_classes, y.shape[0], logits, loss)
+        total += loss_value(logits, rows, loss).double() * y.shape[0]
+        correct += (logits.argmax(1) == y).sum()
+    return float(total / n), float(correct) / n
+
+
+def new_run_dir(cfg: RunConfig, base: str | os.PathLike = "runs") -> Path:
+    """``runs/<name>-<optimiser>-<YYYYmmdd-HHMMSS>`` (with ``-2``, ``-3``… when taken)."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    stem = Path(base) / f"{cfg.name}-{cfg.optim.name}-{stamp}"
+    path, n = stem, 1
+    while path.exists():
+        n += 1
+        path = stem.with_name(f"{stem.name}-{n}")
+    return path
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------- Ctrl-C
+class _InterruptGuard:
+    """Defers Ctrl-C while a step is in flight so that a checkpoint never holds a half-applied step."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self.critical = False
+        self.torn = False  # a KeyboardInterrupt escaped from inside a step
+        self._previous: Any = None
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.critical and not self.pending:
+            self.pending = True
+            print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again aborts without saving)",
+                  file=sys.stderr, flush=True)
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        self.critical = True
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.torn = True
+            raise
+        finally:
+            self.critical = False
+        if self.pending:
+            raise KeyboardInterrupt
+
+
+# ---------------------------------------------------------------------------- the run
+@dataclass
+class _Position:
+    """Where the run stands: completed epochs and steps, and the epoch in progress (if any)."""
+
+    epochs_done: int = -1  # -1: not even epoch 0 (the evaluation before training) is logged
+    global_step: int = 0
+    epoch: int | None = None  # the epoch in progress
+    steps_done: int = 0  # steps of that epoch already taken
+    perm: Tensor | None = None  # that epoch's data order
+    change_sum: float = 0.0
+    change_count: int = 0
+    epoch_time: float = 0.0
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "epochs_done": self.epochs_done, "global_step": self.global_step, "epoch": self.epoch,
+            "steps_done": self.steps_done, "perm": self.perm, "change_sum": self.change_sum,
+            "change_count": self.change_count, "epoch_time": self.epoch_time,
+        }
+
+    @classmethod
+    def from_payload(cls, p: dict[str, Any]) -> "_Position":
+        return cls(**p)
+
+
+@dataclass
+class _Run:
+    cfg: RunConfig
+    run_dir: Path
+    data: DataSplit
+    model: RevMLP
+    stepper: Stepper
+    device: torch.device
+    data_gen: torch.Generator
+    log: RunLog
+    meta: dict[str, Any]
+    callbacks: Sequence[Any]
+    progress: bool
+    pos: _Position = field(default_factory=_Position)
+    wall_offset: float = 0.0
+    segment_start: float = field(default_factory=time.perf_counter)
+    bar: Any = None
+
+    # -------------------------------------------------------------- sizes
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.stepper.optimizer
+
+    @property
+    def batch(self) -> int:
+        n = len(self.data.train)
+        b = self.cfg.train.batch_size
+        return n if b == 0 or b >= n else b
+
+    @property
+    def steps_per_epoch(self) -> int:
+        n, b = len(self.data.train), self.batch
+        return n // b if self.cfg.train.drop_last else math.ceil(n / b)
+
+    def wall(self) -> float:
+        return self.wall_offset + time.perf_counter() - self.segment_start
+
+    # -------------------------------------------------------------- checkpoints
+    def checkpoint(self, *, weights_epoch: int | None = None) -> None:
+        payload = {
+            "model": self.model.state_dict(),
+            "model_config": self.model.config(),
+            "optimizer": self.optimizer.state_dict(),
+            "optimizer_name": self.cfg.optim.name,
+            "rng": rng_states(self.data_gen),
+            "position": self.pos.payload(),
+            "epoch": self.pos.epochs_done,
+            "global_step": self.pos.global_step,
+            "wall_time_s": self.wall(),
+            "config": to_dict(self.cfg),
+        }
+        save_checkpoint(last_checkpoint(self.run_dir), payload)
+        if weights_epoch is not None:
+            save_weights(epoch_checkpoint(self.run_dir, weights_epoch), self.model, weights_epoch)
+
+    def restore(self, payload: dict[str, Any]) -> None:
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        restore_rng_states(payload["rng"], self.data_gen)
+        self.pos = _Position.from_payload(payload["position"])
+        self.wall_offset = float(payload["wall_time_s"])
+        self.segment_start = time.perf_counter()
+
+    def update_meta(self, **changes: Any) -> None:
+        self.meta.update(changes, epochs_done=max(self.pos.epochs_done, 0), global_step=self.pos.global_step,
+                         wall_time_s=round(self.wall(), 3))
+        write_meta(self.run_dir, self.meta)
+
+    # -------------------------------------------------------------- one step
+    def _batch(self, perm: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        idx = perm[step * self.batch : (step + 1) * self.batch].to(self.device)
+        x, y = self.data.train.images[idx], self.data.train.labels[idx]
+        if self.cfg.data.augment:
+            x = random_resized_crop(x, self.data_gen, tuple(self.cfg.data.crop_scale), tuple(self.cfg.data.crop_ratio))
+        return x, y
+
+    def _take_step(self, x: Tensor, y: Tensor) -> tuple[float, float, Tensor | None]:
+        """One optimiser step; returns (loss before, accuracy before, logits) or raises :class:`Diverged`."""
+        self.model.train()
+        outcome = self.stepper.step(x, y)
+        self._report_warnings(outcome.caught)
+        loss = finite_loss(outcome.loss.detach())
+        acc = float((outcome.logits.detach().argmax(1) == y).double().mean())
+        return loss, acc, outcome.logits
+
+    def _report_warnings(self, caught: list[warnings.WarningMessage]) -> None:
+        """Count Gram fall-backs (inexact GN solves) in meta.json; show the first one, pass others on."""
+        for w in caught:
+            if issubclass(w.category, GramFallbackWarning):
+                count = self.meta.get("gram_fallback_steps", 0)
+                if count == 0:
+                    _write(f"warning: {w.message} (further fall-backs are counted in meta.json: gram_fallback_steps)")
+                self.meta["gram_fallback_steps"] = count + 1
+                break
+        for w in caught:
+            if not issubclass(w.category, GramFallbackWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+    def run_epoch(self, epoch: int, guard: _InterruptGuard) -> None:
+        pos = self.pos
+        if pos.epoch != epoch:  # a fresh epoch (a resumed one keeps its saved order and accumulators)
+            n = len(self.data.train)
+            shuffle = self.cfg.train.shuffle and self.steps_per_epoch > 1
+            perm = torch.randperm(n, generator=self.data_gen) if shuffle else torch.arange(n)
+            pos.epoch, pos.steps_done, pos.perm = epoch, 0, perm
+            pos.change_sum, pos.change_count, pos.epoch_time = 0.0, 0, 0.0
+        loss_name, k = self.cfg.train.loss, self.model.num_classes
+        for step in range(pos.steps_done, self.steps_per_epoch):
+            with guard.step():
+                x, y = self._batch(pos.perm, step)
+                _sync(self.device)
+                start = time.perf_counter()
+                try:
+                    loss, acc, _ = self._take_step(x, y)
+                except Diverged as exc:
+                    raise Diverged(f"epoch {epoch}, step {step + 1}: {exc}") from None
+                _sync(self.device)
+                step_time = time.perf_counter() - start
+                after = change = None
+                if self.cfg.train.loss_after:
+                    with torch.no_grad():
+                        logits = self.model(x)
+                        after = float(loss_value(logits, as_target_rows(y, k, y.shape[0], logits, loss_name), loss_name))
+                    if not math.isfinite(after):
+                        raise Diverged(f"epoch {epoch}, step {step + 1}: the batch loss after the step is {after}")
+                    change = 100.0 * (after - loss) / loss if loss != 0 else None
+                pos.global_step += 1
+                pos.steps_done = step + 1
+                pos.epoch_time += step_time
+                if change is not None:
+                    pos.change_sum += change
+                    pos.change_count += 1
+                self.log.step(dict(
+                    epoch=epoch, step=step + 1, global_step=pos.global_step, batch_size=int(y.shape[0]),
+                    lr=float(self.optimizer.param_groups[0]["lr"]), loss=loss, accuracy=acc, loss_after=after,
+                    loss_change_pct=change, step_time_s=step_time,
+                ))
+                if self.bar is not None:
+                    self.bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+                    self.bar.update(1)
+
+    def end_epoch(self, epoch: int) -> None:
+        """Evaluate, log the epoch's row, run the callbacks, checkpoint when due."""
+        cfg, pos = self.cfg, self.pos
+        start = time.perf_counter()
+        tr_loss, tr_acc = evaluate(self.model, self.data.train.images, self.data.train.labels, cfg.train.loss, cfg.train.eval_batch_size)
+        te_loss, te_acc = evaluate(self.model, self.data.test.images, self.data.test.labels, cfg.train.loss, cfg.train.eval_batch_size)
+        eval_time = time.perf_counter() - start
+        row = dict(
+            epoch=epoch, train_loss=tr_loss, train_accuracy=tr_acc, test_loss=te_loss, test_accuracy=te_acc,
+            epoch_time_s=pos.epoch_time if epoch > 0 else 0.0, wall_time_s=self.wall(),
+            mean_loss_change_pct=pos.change_sum / pos.change_count if pos.change_count else None,
+            eval_time_s=eval_time, global_step=pos.global_step,
+        )
+        self.log.epoch(row)
+        if self.progress:
+            _write(f"epoch {epoch:>4}/{cfg.train.epochs}  train loss {tr_loss:.4f} acc {tr_acc:.4f}  "
+                   f"test loss {te_loss:.4f} acc {te_acc:.4f}  ({row['epoch_time_s']:.1f} s)")
+        for cb in self.callbacks:
+            hook = getattr(cb, "on_epoch_end", None)
+            if hook is None:
+                continue
+            t0 = time.perf_counter()
+            record = hook(epoch, self.model, self.optimizer)
+            if record:  # None or {}: nothing to record this epoch
+                if not isinstance(record, dict):
+                    raise TypeError(f"{type(cb).__name__}.on_epoch_end must return a dict or None, got {type(record).__name__}")
+                self.log.diagnostic({"epoch": epoch, **record, "diagnostics_time_s": time.perf_counter() - t0})
+        pos.epochs_done = epoch
+        pos.epoch, pos.steps_done, pos.perm = None, 0, None
+        every = cfg.train.checkpoint_every
+        due = epoch == 0 or epoch == cfg.train.epochs or (every > 0 and epoch % every == 0)
+        if due:
+            keep = epoch == 0 or cfg.train.keep_checkpoints
+            self.checkpoint(weights_epoch=epoch if keep else None)
+        self.update_meta()
+
+
+def _write(text: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(text, file=sys.stderr)
+
+
+def _config_callbacks(cfg: RunConfig, data: DataSplit, run_dir: Path) -> list[Any]:
+    """Callbacks that the configuration itself asks for: ``[diagnostics] enabled = true``.
+
+    For a run that starts from another run's weights (``model.init_from``) the initial model of a resumed run
+    is read back from the run's own ``checkpoints/epoch_0000.pt`` (the configuration's seed does not give it,
+    and the source may have moved).
+    """
+    if not cfg.diagnostics.enabled:
+        return []
+    callback = make_callback(cfg, data)
+    if cfg.model.init_from:
+        first = epoch_checkpoint(run_dir, 0)
+        callback.init_model = lambda: load_model(first)[0]
+    return [callback]
+
+
+def _prepare_new(cfg: RunConfig, out_dir: str | os.PathLike | None) -> Path:
+    run_dir = new_run_dir(cfg) if out_dir is None else Path(out_dir)
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        hint = " (it holds a run: continue it with --resume)" if meta_path(run_dir).exists() else ""
+        raise FileExistsError(f"{run_dir} already exists and is not empty{hint}; choose another --out")
+    return run_dir
+
+
+def _resume_config(run_dir: Path, overrides: Sequence[str] | dict[str, Any]) -> tuple[RunConfig, dict[str, Any]]:
+    """The run's own config with the (few) overrides that a resume may change."""
+    cfg_path = config_path(run_dir)
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: missing; {run_dir} is not an exactgn run folder")
+    meta = read_meta(run_dir)
+    items = overrides.items() if isinstance(overrides, dict) else [o.split("=", 1) for o in overrides]
+    for key, _ in items:
+        if key.strip() not in RESUMABLE_KEYS:
+            raise ConfigError(f"--set {key.strip()}: cannot be changed when resuming (only "
+                              f"{', '.join(RESUMABLE_KEYS)}); start a new run instead")
+    return load_config(cfg_path, overrides), meta
+
+
+@dataclass
+class _Start:
+    """Where a run starts: its config, folder, meta so far and (when resuming) the checkpoint payload."""
+
+    cfg: RunConfig
+    run_dir: Path
+    meta: dict[str, Any]
+    payload: dict[str, Any] | None
+
+
+def _start(cfg: RunConfig | None, out_dir: Any, resume: Any, overrides: Any) -> _Start:
+    if resume is not None:
+        if cfg is not None or out_dir is not None:
+            raise ValueError("train(): pass either a config (and out_dir) or resume=RUN_DIR, not both")
+        run_dir = Path(resume)
+        cfg, meta = _resume_config(run_dir, overrides)
+        payload = load_checkpoint(last_checkpoint(run_dir))
+        _check_resumable(cfg, meta, payload, run_dir)
+        return _Start(cfg, run_dir, meta, payload)
+    if cfg is None:
+        raise ValueError("train(): a config is needed unless resume=RUN_DIR is given")
+    if overrides:
+        cfg = with_overrides(cfg, overrides)
+    if cfg.model.init_from:  # record the absolute checkpoint path, so that config.toml reruns from anywhere
+        cfg = replace_key(cfg, "model.init_from", str(resolve_init_from(cfg.model.init_from)))
+    return _Start(cfg, _prepare_new(cfg, out_dir), {}, None)
+
+
+def _load_data(cfg: RunConfig, device: torch.device) -> DataSplit:
+    d = cfg.data
+    data = load_dataset(
+        d.dataset, d.root or None, train_size=d.train_size, test_size=d.test_size, subset=d.subset,
+        subset_seed=d.subset_seed, download=d.download, dtype=dtype_from_name(cfg.model.dtype),
+    )
+    return DataSplit(data.name, data.train.to(device), data.test.to(device), data.classes, data.source)
+
+
+def _new_meta(cfg: RunConfig, device: torch.device, data: DataSplit, batch: int) -> dict[str, Any]:
+    return {
+        **provenance(device), "start_time": utc_now(), "end_time": None, "status": "running", "epochs_done": 0,
+        "global_step": 0, "epochs": cfg.train.epochs, "name": cfg.name, "optimiser": cfg.optim.name,
+        "dataset": cfg.data.dataset, "data_source": data.source, "train_size": len(data.train),
+        "test_size": len(data.test), "batch_size": batch, "steps_per_epoch": None, "message": None, "resumed": [],
+    }
+
+
+def _open_logs(start: _Start, device: torch.device, data: DataSplit, batch: int) -> RunLog:
+    """Write ``config.toml`` and the first ``meta.json`` (or trim the logs of a resumed run); open the logs."""
+    cfg, run_dir, meta = start.cfg, start.run_dir, start.meta
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_dir(run_dir).mkdir(exist_ok=True)
+    header = (f"Resolved configuration of this run (exactgn {__version__}). Every key is listed; rerun with:\n"
+              f"  exactgn train {config_path(run_dir)} --out NEW_DIR")
+    write_config(cfg, config_path(run_dir), header)  # on resume: train.epochs etc. may have changed
+    if start.payload is None:
+        meta.update(_new_meta(cfg, device, data, batch))
+        return RunLog(run_dir)
+    step = start.payload["global_step"]
+    truncate_logs(run_dir, step, start.payload["epoch"])
+    meta.update(status="running", end_time=None, message=None, epochs=cfg.train.epochs, device=str(device))
+    meta.setdefault("resumed", []).append({"time": utc_now(), "from_global_step": step})
+    return RunLog(run_dir, purge_step=step + 1)
+
+
+def _seed_everything(seed: int) -> None:
+    """The model draws its own seed from ``cfg.seed``; these cover GN noise, augmentation and callbacks."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _build_run(start: _Start, callbacks: Sequence[EpochCallback], progress: bool) -> _Run:
+    cfg, payload = start.cfg, start.payload
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    data = _load_data(cfg, device)
+    model = build_model(cfg, data.features, data.num_classes)
+    if cfg.model.init_from and payload is None:
+        start.meta["init_from"] = load_init_weights(model, cfg.model.init_from)
+    model = model.to(device)
+    batch = len(data.train) if cfg.train.batch_size == 0 else min(cfg.train.batch_size, len(data.train))
+    check_gn_batch(cfg, model, batch)
+    stepper = build_stepper(cfg, model)
+    all_callbacks = list(callbacks) + _config_callbacks(cfg, data, start.run_dir)
+    data_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    if payload is None:
+        _seed_everything(cfg.seed)
+    log = _open_logs(start, device, data, batch)
+    run = _Run(cfg, start.run_dir, data, model, stepper, device, data_gen, log, start.meta, all_callbacks, progress)
+    if payload is not None:
+        run.restore(payload)
+    start.meta["steps_per_epoch"] = run.steps_per_epoch
+    run.update_meta()
+    return run
+
+
+def _loop(run: _Run, guard: _InterruptGuard, progress: bool, epoch_lines: bool) -> None:
+    from tqdm import tqdm  # noqa: PLC0415 - imported when a run starts, not with the module
+
+    cfg = run.cfg
+    total = cfg.train.epochs * run.steps_per_epoch
+    run.bar = tqdm(total=total, initial=min(run.pos.global_step, total), disable=not progress, unit="step",
+                   dynamic_ncols=True, file=sys.stderr, desc=f"{cfg.name}/{cfg.optim.name}", leave=epoch_lines)
+    try:
+        if run.pos.epochs_done < 0:
+            run.end_epoch(0)
+        for epoch in range(run.pos.epochs_done + 1, cfg.train.epochs + 1):
+            run.bar.set_description(f"{cfg.name}/{cfg.optim.name} epoch {epoch}/{cfg.train.epochs}", refresh=False)
+            run.run_epoch(epoch, guard)
+            run.end_epoch(epoch)
+    finally:
+        run.bar.close()
+
+
+def _stop_diverged(run: _Run, exc: Diverged) -> None:
+    msg = (f"run diverged ({exc}); training stopped. The last good checkpoint (epoch "
+           f"{max(run.pos.epochs_done, 0)}) is kept in {checkpoint_dir(run.run_dir)}. Try a smaller optim.lr, or "
+           "truncation/damping for GN.")
+    run.update_meta(status="diverged", end_time=utc_now(), message=msg)
+    print(f"exactgn: {msg}", file=sys.stderr, flush=True)
+
+
+def _stop_interrupted(run: _Run, guard: _InterruptGuard) -> TrainingInterrupted:
+    saved = False
+    if not guard.torn:
+        try:
+            run.checkpoint()
+            saved = True
+        except KeyboardInterrupt:
+            pass
+    interrupted = TrainingInterrupted(run.run_dir, saved, max(run.pos.epochs_done, 0), run.pos.global_step)
+    run.update_meta(status="interrupted", end_time=utc_now(), message=str(interrupted))
+    return interrupted
+
+
+def train(
+    cfg: RunConfig | None,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    resume: str | os.PathLike | None = None,
+    overrides: Sequence[str] | dict[str, Any] = (),
+    callbacks: Sequence[EpochCallback] = (),
+    progress: bool = True,
+    epoch_lines: bool = True,
+) -> Path:
+    """Train as ``cfg`` says, into ``out_dir`` (default ``runs/<name>-<optimiser>-<time>``); returns the run folder.
+
+    ``resume``: continue the run in that folder from its last checkpoint instead (``cfg`` must be ``None``;
+    ``overrides`` may change only :data:`RESUMABLE_KEYS`, e.g. ``train.epochs`` to train longer).
+    ``callbacks``: objects with ``on_epoch_end(epoch, model, optimizer) -> dict | None``.
+    ``progress``: show a progress bar on stderr, and (with ``epoch_lines``) one line per epoch.
+
+    The final status is in ``meta.json`` (``finished`` or ``diverged``); Ctrl-C raises
+    :class:`TrainingInterrupted`.
+    """
+    start = _start(cfg, out_dir, resume, overrides)
+    run = _build_run(start, callbacks, progress and epoch_lines)
+    start.payload = None  # the restored run holds what it needs; free the checkpoint's tensors
+    guard = _InterruptGuard()
+    guard.install()
+    try:
+        _loop(run, guard, progress, epoch_lines)
+        run.update_meta(status="finished", end_time=utc_now())
+    except Diverged as exc:
+        _stop_diverged(run, exc)
+    except KeyboardInterrupt:
+        raise _stop_interrupted(run, guard) from None
+    except BaseException as exc:
+        run.update_meta(status="failed", end_time=utc_now(), message=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        guard.uninstall()
+        run.log.close()
+    return run.run_dir
+
+
+def _check_resumable(cfg: RunConfig, meta: dict[str, Any], payload: dict[str, Any], run_dir: Path) -> None:
+    status = meta.get("status")
+    if status == "diverged":
+        raise ValueError(f"{run_dir} diverged; resuming would repeat the same steps. Start a new run with a smaller "
+                         "learning rate (exactgn train CONFIG --set optim.lr=...)")
+    if status == "finished" and payload["epoch"] >= cfg.train.epochs:
+        raise ValueError(f"{run_dir} already finished all {cfg.train.epochs} epochs; to train longer, resume with "
+                         f"--set train.epochs=N (N > {cfg.train.epochs})")
+    saved = dict(payload["config"])
+    now = to_dict(cfg)
+    for key in flatten(now):
+        if key in RESUMABLE_KEYS:
+            continue
+        if _lookup(saved, key) != _lookup(now, key):
+            raise ValueError(f"{config_path(run_dir)}: {key} is {_lookup(now, key)!r} but the checkpoint was made with "
+                             f"{_lookup(saved, key)!r}; a resumed run must keep its configuration")
+    if payload["epoch"] > cfg.train.epochs:
+        raise ValueError(f"train.epochs = {cfg.train.epochs} is below the {payload['epoch']} epochs already done")
+
+
+def _lookup(d: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
