@@ -175,7 +175,7 @@ init_from = "first"
     ('set = { "data.dataset" = "cifar10" }', "", "data.dataset is 'mnist-small'"),
     ("", 'set = { "model.init_from" = "x.pt" }', "not both"),
     ("", 'set = { "optim.lrr" = 1 }', r"run 2 \(second\).*optim.lrr"),
-    ("colour = 1", "", r"unknown key\(s\) \['colour'\]"),
+    ("colour = 1", "", r"run\[0\]\.colour: unknown key; the keys of \[run\[0\]\] are: name, config, set"),
 ])
 def test_study_files_are_checked_before_anything_runs(tmp_path, first_extra, second_extra, message):
     text = TWO_RUNS.format(first="adam", first_extra=first_extra, second_extra=second_extra)

@@ -58,11 +58,11 @@ def test_random_trials_are_seeded_and_inside_their_ranges(tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        ('[grid]\n"optim.lr" = []\n', "grid.optim.lr must be a non-empty list"),
+        ('[grid]\n"optim.lr" = []\n', r"grid\.optim\.lr: must be a non-empty list"),
         ('[grid]\n"optim.lrr" = [0.1]\n', "optim.lrr"),
         ('[grid]\n"optim.lr" = ["fast"]\n', "optim.lr"),
         ('[random]\n"optim.lr" = { uniform = [0, 1] }\n', "needs method"),
-        ('[random]\n"optim.lr" = { gaussian = [0, 1] }\n', "random.optim.lr must be one of"),
+        ('[random]\n"optim.lr" = { gaussian = [0, 1] }\n', r"random\.optim\.lr: must be one of"),
         ('[resources]\ncpus_per_trial = 0\n', "cpus_per_trial"),
         ('[resources]\ngpu = 1\n', "unknown key"),
         ('[grid]\n"train.epochs" = [1, 2]\n', "more than one of"),

@@ -43,6 +43,8 @@ __all__ = [
     "OPTIMISERS",
     "EXPERIMENTS_DIR",
     "BOOKKEEPING_KEYS",
+    "EXECUTION_KEYS",
+    "RESUMABLE_KEYS",
     "load_config",
     "loads_config",
     "from_dict",
@@ -244,11 +246,12 @@ class RunConfig(Table):
         return self
 
 
-#: Keys that say where or how a run executes, not what it computes: ignored when runs are grouped or compared.
-BOOKKEEPING_KEYS = (
-    "name", "description", "data.root", "data.download", "train.device", "train.threads",
-    "train.eval_batch_size", "train.checkpoint_every", "train.keep_checkpoints",
-)
+#: Keys that say where or how fast a run executes, not what it computes (a study reruns nothing for them).
+EXECUTION_KEYS = ("data.root", "data.download", "train.device", "train.threads", "train.eval_batch_size")
+#: Keys a resumed run may change: the execution keys, how long it trains and what it keeps.
+RESUMABLE_KEYS = ("train.epochs", "train.checkpoint_every", "train.keep_checkpoints", *EXECUTION_KEYS)
+#: Keys that do not define a setting: two runs differing only here (and in seeds) are seeds of one setting.
+BOOKKEEPING_KEYS = ("name", "description", "train.checkpoint_every", "train.keep_checkpoints", *EXECUTION_KEYS)
 
 
 def from_dict(data: dict[str, Any]) -> RunConfig:

@@ -192,7 +192,7 @@ def _missing_message(name: str, root: Path, missing: list[str], folder: Path) ->
     files = ", ".join(missing)
     how = (
         "pass --download (needs torchvision: pip install 'exactgn[vision]' and a network), or copy the official "
-        f"files there (MNIST: the four *-ubyte.gz files from the MNIST release; CIFAR-10: the extracted "
+        "files there (MNIST: the four *-ubyte.gz files from the MNIST release; CIFAR-10: the extracted "
         "cifar-10-python.tar.gz)"
     )
     return f"{name}: missing {files} in {folder} (data root {root}); {how}"

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-from .config import flatten
+from .config import BOOKKEEPING_KEYS, flatten
 from .diagnostics import DIAGNOSTICS_FILE, loss_change_summary, read_diagnostics
 
 if TYPE_CHECKING:
@@ -42,10 +42,7 @@ REQUIRED_FILES = ("config.toml", "meta.json", "epochs.csv")
 RUN_MARKERS = REQUIRED_FILES + ("steps.csv",)
 
 # Keys that do not define a setting: two runs differing only here are seeds of one setting.
-_BOOKKEEPING = {
-    "name", "description", "data.root", "data.download", "train.device", "train.threads",
-    "train.checkpoint_every", "train.keep_checkpoints", "train.eval_batch_size",
-}
+_BOOKKEEPING = set(BOOKKEEPING_KEYS)
 _BOOKKEEPING_PREFIXES = ("diagnostics.",)
 
 

@@ -30,8 +30,8 @@ class Table(BaseModel):
 
 
 def field_names(cls: type[BaseModel]) -> list[str]:
-    """The keys of a table, in declaration order."""
-    return list(cls.model_fields)
+    """The keys of a table (as written in TOML), in declaration order."""
+    return [field.alias or name for name, field in cls.model_fields.items()]
 
 
 def nested_table(cls: type[BaseModel], name: str) -> type[BaseModel] | None:
@@ -60,15 +60,25 @@ def _dotted(loc: tuple[Any, ...]) -> str:
     return out
 
 
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds directly or as the items of a list: ``Model`` or ``list[Model]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    args = typing.get_args(annotation) if typing.get_origin(annotation) is list else ()
+    return _model_in(args[0]) if args else None
+
+
 def _owner(cls: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel]:
-    """The model holding the last key of ``loc``."""
+    """The model holding the last key of ``loc`` (list indices are stepped over)."""
+    by_alias = {field.alias or name: field for name, field in cls.model_fields.items()}
     for part in loc[:-1]:
-        if isinstance(part, int) or part not in cls.model_fields:
-            break
-        child = nested_table(cls, part)
+        if isinstance(part, int):
+            continue
+        child = _model_in(by_alias[part].annotation) if part in by_alias else None
         if child is None:
             break
         cls = child
+        by_alias = {field.alias or name: field for name, field in cls.model_fields.items()}
     return cls
 
 
@@ -104,13 +114,19 @@ def _message(cls: type[BaseModel], error: dict[str, Any]) -> str:
     if kind in ("greater_than_equal", "greater_than"):
         sign, bound = (">=", ctx["ge"]) if "ge" in ctx else (">", ctx["gt"])
         return f"{key}: must be {sign} {bound:g}, got {value!r}"
+    if kind == "too_short" and ctx.get("min_length") == 1:
+        what = "a non-empty list" if isinstance(value, list) else "non-empty"
+        return f"{key}: must be {what}, got {_describe(value)}"
+    if kind == "distribution":
+        return f"{key}: {error['msg']}; got {_describe(value)}"
     if kind == "string_pattern_mismatch":
         field = _owner(cls, loc).model_fields[loc[-1]]
         return f"{key}: expected {field.description}, got {value!r}"
     if kind == "finite_number":
         return f"{key}: must be finite, got {value!r}"
-    if kind == "value_error":
-        return str(ctx.get("error", error["msg"]))  # our validators name their key themselves
+    if kind == "value_error":  # our validators name the key within their table
+        text = str(ctx.get("error", error["msg"]))
+        return text if not key or text.startswith(key) else f"{key}: {text}"
     return f"{key}: {error['msg']}, got {_describe(value)}" if key else str(error["msg"])
 
 

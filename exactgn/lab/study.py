@@ -45,16 +45,17 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import (ConfigError, RunConfig, find_config, find_shipped, flatten, load_config, parse_override, read_toml,
+from .config import (EXECUTION_KEYS, ConfigError, RunConfig, find_config, find_shipped, flatten, load_config, parse_override, read_toml,
                      to_dict, toml_value)
 from .rundir import atomic_write_text, file_sha256, read_meta, run_state
+from .schema import validate_table
+from .specs import StudyFile, StudyRunTable
 
 __all__ = [
     "STUDIES_DIR",
@@ -70,11 +71,8 @@ __all__ = [
 
 STUDIES_DIR = Path(__file__).resolve().parent / "configs" / "studies"
 
-_TOP_KEYS = {"name", "description", "set", "run"}
-_RUN_KEYS = {"name", "config", "set", "init_from", "init_epoch", "description"}
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # Keys that may differ between a run folder and the study without making it another run (paths, devices, speed).
-_IGNORED_KEYS = ("data.root", "data.download", "train.device", "train.threads", "train.eval_batch_size")
+_IGNORED_KEYS = EXECUTION_KEYS
 
 
 @dataclass
@@ -138,69 +136,46 @@ def _config_path(path: Path, value: str) -> Path:
     return find_config(candidate).resolve()
 
 
+def _run_of(path: Path, spec: StudySpec, table: StudyRunTable, extra: dict[str, Any]) -> StudyRun:
+    """One ``[[run]]`` table as a :class:`StudyRun`, checked against the runs before it."""
+    where = f"run {len(spec.runs) + 1} ({table.name})"
+    earlier = [x.name for x in spec.runs]
+    if table.name in earlier:
+        raise _fail(path, where, f"the name {table.name!r} is used by an earlier run; names must be unique")
+    if table.init_from is not None and table.init_from not in earlier:
+        hint = f"earlier runs: {', '.join(earlier)}" if earlier else "it is the first run"
+        raise _fail(path, where, f"init_from must name an earlier run of this study ({hint}), got "
+                                 f"{table.init_from!r}; to start from a checkpoint outside the study, set "
+                                 "model.init_from instead")
+    try:
+        config = _config_path(path, table.config)
+    except ConfigError as exc:
+        raise _fail(path, where, str(exc)) from exc
+    overrides = {**spec.fixed, **table.fixed, **extra}
+    if table.init_from is not None and "model.init_from" in overrides:
+        raise _fail(path, where, "give either init_from (an earlier run) or model.init_from (a path), not both")
+    return StudyRun(table.name, config, overrides, table.init_from, table.init_epoch, table.description)
+
+
 def load_study(path: str | Path, overrides: Sequence[str] | dict[str, Any] = ()) -> StudySpec:
     """Read and check a list-of-runs study file; ``overrides`` (``KEY=VALUE``) apply to every run, last.
 
-    Every run's configuration is built and validated here, dependencies are checked (the source is an earlier run,
-    architectures match, an ``init_epoch`` checkpoint will be kept), so that mistakes surface before any training.
+    The file's shape is :class:`exactgn.lab.specs.StudyFile`. Every run's configuration is built and validated
+    here and dependencies are checked (the source is an earlier run, architectures match, an ``init_epoch``
+    checkpoint will be kept), so that mistakes surface before any training.
     """
     path = find_study(path).resolve()
     data = read_toml(path)
     if _kind(path, data) != "runs":
         raise _fail(path, "", "this is a sweep file; run it with exactgn study (or exactgn sweep)")
-    unknown = sorted(set(data) - _TOP_KEYS)
-    if unknown:
-        raise _fail(path, "", f"unknown key(s) {unknown}; a study file has {sorted(_TOP_KEYS)}")
-    name = data.get("name")
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise _fail(path, "name", f"must be a name of letters, digits, '-', '_' or '.', got {name!r}")
-    fixed = data.get("set", {})
-    if not isinstance(fixed, dict):
-        raise _fail(path, "[set]", "must be a table of KEY = VALUE overrides")
-    runs_data = data.get("run")
-    if not isinstance(runs_data, list) or not runs_data or not all(isinstance(r, dict) for r in runs_data):
-        raise _fail(path, "", "[[run]] must be one or more tables")
-    spec = StudySpec(name, path, str(data.get("description", "")), dict(fixed))
+    try:
+        file = validate_table(StudyFile, data)
+    except ConfigError as exc:
+        raise _fail(path, "", str(exc)) from None
+    spec = StudySpec(file.name, path, file.description, dict(file.fixed))
     extra = dict(overrides) if isinstance(overrides, dict) else dict(parse_override(o) for o in overrides)
-    for i, r in enumerate(runs_data):
-        where = f"run {i + 1}" + (f" ({r['name']})" if isinstance(r.get("name"), str) else "")
-        bad = sorted(set(r) - _RUN_KEYS)
-        if bad:
-            raise _fail(path, where, f"unknown key(s) {bad}; a [[run]] has {sorted(_RUN_KEYS)}")
-        run_name = r.get("name")
-        if not isinstance(run_name, str) or not _NAME_RE.fullmatch(run_name):
-            raise _fail(path, where, f"name must be a folder name of letters, digits, '-', '_' or '.', got {run_name!r}")
-        if any(run.name == run_name for run in spec.runs):
-            raise _fail(path, where, f"the name {run_name!r} is used by an earlier run; names must be unique")
-        if not isinstance(r.get("config"), str) or not r["config"]:
-            raise _fail(path, where, "config must name a shipped experiment (e.g. mnist-minibatch-cpu/gn) or a TOML file")
-        try:
-            config = _config_path(path, r["config"])
-        except ConfigError as exc:
-            raise _fail(path, where, str(exc)) from exc
-        run_set = r.get("set", {})
-        if not isinstance(run_set, dict):
-            raise _fail(path, where, "set must be a table of KEY = VALUE overrides")
-        run = StudyRun(run_name, config, {**fixed, **run_set, **extra}, description=str(r.get("description", "")))
-        if "init_from" in r:
-            source = r["init_from"]
-            earlier = [x.name for x in spec.runs]
-            if not isinstance(source, str) or source not in earlier:
-                hint = f"earlier runs: {', '.join(earlier)}" if earlier else "it is the first run"
-                raise _fail(path, where, f"init_from must name an earlier run of this study ({hint}), got {source!r}; "
-                                         "to start from a checkpoint outside the study, set model.init_from instead")
-            if "model.init_from" in run.overrides:
-                raise _fail(path, where, "give either init_from (an earlier run) or model.init_from (a path), not both")
-            run.init_from = source
-        if "init_epoch" in r:
-            epoch = r["init_epoch"]
-            if run.init_from is None:
-                raise _fail(path, where, "init_epoch needs init_from (the run whose epoch checkpoint to start from)")
-            if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-                raise _fail(path, where, f"init_epoch must be an integer >= 0, got {epoch!r}")
-            run.init_epoch = epoch
-        spec.runs.append(run)
-    # Build every configuration now (errors name the run and the key), then check the dependencies.
+    for table in file.run:
+        spec.runs.append(_run_of(path, spec, table, extra))
     configs = {}
     for i, run in enumerate(spec.runs):
         try:

@@ -41,22 +41,16 @@ import itertools
 import json
 import math
 import random
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig, find_config, load_config, toml_value
+from .config import ConfigError, RunConfig, find_config, load_config, read_toml, toml_value
+from .schema import validate_table
+from .specs import BACKENDS, SweepFile
 from .rundir import atomic_write_text, run_state
 
 __all__ = ["SweepSpec", "Trial", "load_sweep", "make_trials", "run_sweep"]
-
-METHODS = ("grid", "random")
-BACKENDS = ("auto", "ray", "sequential")
-DISTRIBUTIONS = ("choice", "uniform", "log_uniform", "int_uniform")
-_TOP_KEYS = {"name", "base", "method", "samples", "seed", "backend", "description", "set", "grid", "random",
-             "resources", "ray"}
-
 
 @dataclass
 class SweepSpec:
@@ -93,88 +87,41 @@ def _fail(source: str, message: str) -> ConfigError:
     return ConfigError(f"{source}: {message}")
 
 
-def load_sweep(path: str | Path) -> SweepSpec:
-    """Read and check a sweep file; every error names the file and the key."""
-    path = Path(path)
+def _base(path: Path, base: str) -> Path:
+    """``base``: a TOML path relative to the sweep file (or absolute), else a shipped experiment."""
+    candidate = Path(base)
+    if not candidate.is_absolute() and (path.parent / candidate).is_file():
+        candidate = path.parent / candidate
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"sweep file {path} does not exist") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise _fail(str(path), f"not valid TOML: {exc}") from exc
-    src = str(path)
-    unknown = set(data) - _TOP_KEYS
-    if unknown:
-        raise _fail(src, f"unknown key(s) {sorted(unknown)}; known: {sorted(_TOP_KEYS)}")
-    for key in ("name", "base"):
-        if not isinstance(data.get(key), str) or not data[key]:
-            raise _fail(src, f"{key!r} must be a non-empty string")
-    base = Path(data["base"])
-    if not base.is_absolute() and (path.parent / base).is_file():
-        base = path.parent / base
-    try:
-        base = find_config(base)
+        return find_config(candidate)
     except ConfigError as exc:
-        raise _fail(src, f"base: {exc}") from exc
-    spec = SweepSpec(name=data["name"], base=base, description=str(data.get("description", "")))
-    spec.method = data.get("method", "grid")
-    if spec.method not in METHODS:
-        raise _fail(src, f"method must be one of {METHODS}, got {spec.method!r}")
-    spec.backend = data.get("backend", "auto")
-    if spec.backend not in BACKENDS:
-        raise _fail(src, f"backend must be one of {BACKENDS}, got {spec.backend!r}")
-    for key in ("samples", "seed"):
-        if key in data:
-            if isinstance(data[key], bool) or not isinstance(data[key], int) or data[key] < (1 if key == "samples" else 0):
-                raise _fail(src, f"{key} must be an integer >= {1 if key == 'samples' else 0}, got {data[key]!r}")
-            setattr(spec, key, data[key])
-    for table in ("set", "grid", "random", "resources", "ray"):
-        if table in data and not isinstance(data[table], dict):
-            raise _fail(src, f"[{table}] must be a table")
-    spec.fixed = dict(data.get("set", {}))
-    for key, values in data.get("grid", {}).items():
-        if not isinstance(values, list) or not values:
-            raise _fail(src, f"grid.{key} must be a non-empty list of values, got {values!r}")
-        spec.grid[key] = values
-    for key, dist in data.get("random", {}).items():
-        if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
-            raise _fail(src, f"random.{key} must be one of {{ choice = [...] }}, {{ uniform = [lo, hi] }}, "
-                             f"{{ log_uniform = [lo, hi] }}, {{ int_uniform = [lo, hi] }}; got {dist!r}")
-        kind, arg = next(iter(dist.items()))
-        if not isinstance(arg, list) or not arg or (kind != "choice" and len(arg) != 2):
-            raise _fail(src, f"random.{key}.{kind} needs {'a non-empty list' if kind == 'choice' else '[lo, hi]'}")
-        if kind == "log_uniform" and not (0 < arg[0] <= arg[1]):
-            raise _fail(src, f"random.{key}.log_uniform needs 0 < lo <= hi, got {arg}")
-        if kind in ("uniform", "int_uniform") and not arg[0] <= arg[1]:
-            raise _fail(src, f"random.{key}.{kind} needs lo <= hi, got {arg}")
-        spec.random[key] = dist
-    if spec.method == "grid" and spec.random:
-        raise _fail(src, "[random] needs method = \"random\"")
-    if spec.method == "random" and not spec.random:
-        raise _fail(src, "method = \"random\" needs a [random] table")
-    overlap = (set(spec.grid) & set(spec.random)) | (set(spec.fixed) & (set(spec.grid) | set(spec.random)))
-    if overlap:
-        raise _fail(src, f"key(s) {sorted(overlap)} appear in more than one of [set], [grid], [random]")
-    resources = dict(data.get("resources", {}))
-    cpus = resources.pop("cpus_per_trial", 1)
-    gpus = resources.pop("gpus_per_trial", "auto")
-    if resources:
-        raise _fail(src, f"unknown key(s) in [resources]: {sorted(resources)}; known: cpus_per_trial, gpus_per_trial")
-    if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
-        raise _fail(src, f"resources.cpus_per_trial must be an integer >= 1, got {cpus!r}")
-    if gpus != "auto" and (isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or gpus < 0):
-        raise _fail(src, f"resources.gpus_per_trial must be \"auto\" or a number >= 0, got {gpus!r}")
-    spec.cpus_per_trial, spec.gpus_per_trial = cpus, gpus
-    ray_table = dict(data.get("ray", {}))
-    spec.ray_address = str(ray_table.pop("address", ""))
-    if ray_table:
-        raise _fail(src, f"unknown key(s) in [ray]: {sorted(ray_table)}; known: address")
-    # Every trial must make a valid run config: check the keys and types now, not after hours of trials.
+        raise _fail(str(path), f"base: {exc}") from exc
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    """Read and check a sweep file (:class:`exactgn.lab.specs.SweepFile`); every error names the file and the key.
+
+    Every trial's run configuration is built too, so a bad key or value fails now, not after hours of trials.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sweep file {path} does not exist")
+    try:
+        file = validate_table(SweepFile, read_toml(path))
+    except ConfigError as exc:
+        raise _fail(str(path), str(exc).removeprefix(f"{path}: ")) from None
+    spec = SweepSpec(
+        name=file.name, base=_base(path, file.base), method=file.method, samples=file.samples, seed=file.seed,
+        backend=file.backend, description=file.description, fixed=dict(file.fixed), grid=dict(file.grid),
+        random={key: {kind: arg} for key, (kind, arg) in file.distributions().items()},
+        cpus_per_trial=file.resources.cpus_per_trial, gpus_per_trial=file.resources.gpus_per_trial,
+        ray_address=file.ray.address,
+    )
     for trial in make_trials(spec):
         try:
             _trial_config(spec, trial)
         except ConfigError as exc:
-            raise _fail(src, f"{trial.name} ({describe_overrides(trial.overrides)}): {exc}") from exc
+            raise _fail(str(path), f"{trial.name} ({describe_overrides(trial.overrides)}): {exc}") from exc
     return spec
 
 
@@ -208,6 +155,7 @@ def _trial_config(spec: SweepSpec, trial: Trial) -> RunConfig:
 
 
 def describe_overrides(overrides: dict[str, Any]) -> str:
+    """``key=value, ...`` in TOML syntax, or ``base`` when there are none."""
     return ", ".join(f"{k}={toml_value(v)}" for k, v in overrides.items()) or "base"
 
 

@@ -48,7 +48,7 @@ from .checkpoint import (
     save_checkpoint,
     save_weights,
 )
-from .config import ConfigError, RunConfig, flatten, load_config, replace_key, with_overrides, to_dict, write_config
+from .config import RESUMABLE_KEYS, ConfigError, RunConfig, flatten, load_config, replace_key, with_overrides, to_dict, write_config
 from .data import DataSplit, load_dataset, random_resized_crop
 from .diagnostics import make_callback
 from .rundir import (
@@ -75,12 +75,6 @@ __all__ = [
     "new_run_dir",
     "RESUMABLE_KEYS",
 ]
-
-# Keys that may change when a run is resumed; anything else would make the continuation a different run.
-RESUMABLE_KEYS = (
-    "train.epochs", "train.checkpoint_every", "train.keep_checkpoints", "train.device", "train.threads",
-    "train.eval_batch_size", "data.root", "data.download",
-)
 
 
 class EpochCallback(Protocol):
