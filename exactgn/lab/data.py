@@ -1,4 +1,4 @@
-"""MNIST and CIFAR-10 from their standard files, the bundled small MNIST, subsets and augmentation.
+"""MNIST, Fashion-MNIST and CIFAR-10 from their standard files, the bundled small MNIST, subsets and augmentation.
 
 Files are read with numpy alone (torchvision is needed only for ``download=True``), in the layout that
 torchvision uses under a data root::
@@ -8,6 +8,7 @@ torchvision uses under a data root::
     ROOT/MNIST/raw/t10k-images-idx3-ubyte.gz
     ROOT/MNIST/raw/t10k-labels-idx1-ubyte.gz
     ROOT/cifar-10-batches-py/data_batch_1 ... data_batch_5, test_batch
+    ROOT/FashionMNIST/raw/  (Fashion-MNIST: the same four file names as MNIST)
 
 The root is the ``root`` argument, else the environment variable ``EXACTGN_DATA``. Every file is checked as it
 is read: a truncated, corrupt or mismatched file raises :class:`DataError` naming the file and what is wrong.
@@ -28,6 +29,7 @@ import os
 import pickle
 import zlib
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,10 @@ from .rundir import file_sha256
 
 __all__ = [
     "DATASETS",
+    "REGISTRY",
+    "DatasetEntry",
+    "read_fashion_mnist",
+    "read_idx_dataset",
     "DataError",
     "RawSplit",
     "RawData",
@@ -60,18 +66,7 @@ __all__ = [
     "random_resized_crop",
 ]
 
-DATASETS = ("mnist", "cifar10", "mnist-small")
 SUBSETS = ("first", "balanced")  # how data.train_size images are chosen
-
-# Reference normalisation: (pixel/255 − mean)/std, per channel.
-MEAN_STD = {
-    "mnist": ((0.1307,), (0.3081,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-}
-CLASSES = {
-    "mnist": tuple(str(i) for i in range(10)),
-    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
-}
 
 MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -175,12 +170,12 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
     )
 
 
-def _mnist_dirs(root: Path) -> list[Path]:
-    return [root / "MNIST" / "raw", root]
+def _idx_dirs(root: Path, folder: str) -> list[Path]:
+    return [root / folder / "raw", root]
 
 
-def _find_mnist_file(root: Path, stem: str) -> Path | None:
-    for folder in _mnist_dirs(root):
+def _find_idx_file(root: Path, folder: str, stem: str) -> Path | None:
+    for folder in _idx_dirs(root, folder):
         for name in (stem + ".gz", stem):
             path = folder / name
             if path.is_file():
@@ -251,20 +246,21 @@ def read_idx(path: str | os.PathLike, *, kind: str | None = None) -> np.ndarray:
     return np.frombuffer(buf, np.uint8, offset=offset).reshape(shape)
 
 
-def read_mnist(root: str | os.PathLike) -> RawData:
-    """MNIST from ``root/MNIST/raw`` (or ``root`` itself), gzipped or not, checked for consistency."""
+def read_idx_dataset(root: str | os.PathLike, folder: str = "MNIST", name: str = "mnist") -> RawData:
+    """A dataset in MNIST's IDX layout (the four ``*-ubyte[.gz]`` files of MNIST's names, 28×28 images, 10
+    classes) from ``root/<folder>/raw`` (or ``root`` itself), checked for consistency."""
     root = Path(root)
-    paths = {key: _find_mnist_file(root, stem) for key, stem in MNIST_FILES.items()}
+    paths = {key: _find_idx_file(root, folder, stem) for key, stem in MNIST_FILES.items()}
     missing = [MNIST_FILES[key] + ".gz" for key, p in paths.items() if p is None]
     if missing:
-        raise DataError(_missing_message("MNIST", root, missing, root / "MNIST" / "raw"), missing=True)
+        raise DataError(_missing_message(REGISTRY[name].title, root, missing, root / folder / "raw"), missing=True)
     splits = {}
     for split in ("train", "test"):
         img_path, lab_path = paths[f"{split}_images"], paths[f"{split}_labels"]
         images = read_idx(img_path, kind="images")
         labels = read_idx(lab_path, kind="labels")
         if images.shape[1:] != (28, 28):
-            raise DataError(f"{img_path}: images are {images.shape[1]}×{images.shape[2]}, MNIST's are 28×28")
+            raise DataError(f"{img_path}: images are {images.shape[1]}×{images.shape[2]}, {name}'s are 28×28")
         if images.shape[0] != labels.shape[0]:
             raise DataError(
                 f"{img_path} holds {images.shape[0]} images but {lab_path} holds {labels.shape[0]} labels; "
@@ -272,7 +268,17 @@ def read_mnist(root: str | os.PathLike) -> RawData:
             )
         _check_labels(labels, 10, lab_path)
         splits[split] = RawSplit(images[:, None, :, :], labels.astype(np.int64))
-    return RawData("mnist", splits["train"], splits["test"], str(root / "MNIST" / "raw"))
+    return RawData(name, splits["train"], splits["test"], str(root / folder / "raw"))
+
+
+def read_mnist(root: str | os.PathLike) -> RawData:
+    """MNIST from ``root/MNIST/raw`` (or ``root`` itself), gzipped or not, checked for consistency."""
+    return read_idx_dataset(root, "MNIST", "mnist")
+
+
+def read_fashion_mnist(root: str | os.PathLike) -> RawData:
+    """Fashion-MNIST (MNIST's file names and format) from ``root/FashionMNIST/raw`` (or ``root`` itself)."""
+    return read_idx_dataset(root, "FashionMNIST", "fashion-mnist")
 
 
 def _check_labels(labels: np.ndarray, k: int, path: Path) -> None:
@@ -406,51 +412,90 @@ def read_bundled_mnist(path: str | os.PathLike | None = None, *, check: bool = T
     return RawData("mnist-small", splits["train"], splits["test"], str(path))
 
 
-# ---------------------------------------------------------------------------- download
+# ---------------------------------------------------------------------------- the registry
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One dataset: how to read it from a data root, its normalisation, its classes and how to fetch it.
+
+    ``read(root)`` returns uint8 arrays; ``mean``/``std`` are per-channel statistics of the pixels in [0, 1]
+    (``(x − mean)/std`` is what the model sees); ``torchvision`` names the ``torchvision.datasets`` class that
+    ``--download`` uses (``None``: nothing to download); ``files`` says which files to place by hand.
+    """
+
+    title: str
+    read: Callable[[Path], RawData]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: tuple[str, ...]
+    torchvision: str | None
+    files: str
+    needs_root: bool = True
+
+
+_MNIST_STATS = ((0.1307,), (0.3081,))
+_DIGITS = tuple(str(i) for i in range(10))
+
+#: Dataset name (``data.dataset``) → its entry. Adding a dataset is adding an entry here.
+REGISTRY: dict[str, DatasetEntry] = {
+    "mnist": DatasetEntry("MNIST", read_mnist, *_MNIST_STATS, _DIGITS, "MNIST",
+                          "the four *-ubyte.gz files of the MNIST release in MNIST/raw/"),
+    "cifar10": DatasetEntry(
+        "CIFAR-10", read_cifar10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"), "CIFAR10",
+        f"{CIFAR_DIR}/{{data_batch_1..5, test_batch}} (the extracted cifar-10-python.tar.gz)"),
+    "mnist-small": DatasetEntry("mnist-small", lambda root: read_bundled_mnist(), *_MNIST_STATS, _DIGITS, None,
+                                "nothing (bundled with exactgn)", needs_root=False),
+    "fashion-mnist": DatasetEntry(
+        "Fashion-MNIST", read_fashion_mnist, (0.2860,), (0.3530,),
+        ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+        "FashionMNIST", "the four *-ubyte.gz files of the Fashion-MNIST release in FashionMNIST/raw/"),
+}
+DATASETS = tuple(REGISTRY)
+#: Reference normalisation per dataset, ``(mean, std)`` per channel (from :data:`REGISTRY`).
+MEAN_STD = {name: (entry.mean, entry.std) for name, entry in REGISTRY.items()}
+#: Class names per dataset (from :data:`REGISTRY`).
+CLASSES = {name: entry.classes for name, entry in REGISTRY.items()}
+
+
 def _download(name: str, root: Path) -> None:
+    entry = REGISTRY[name]
     try:
-        from torchvision import datasets  # type: ignore[import-not-found]
+        from torchvision import datasets  # type: ignore[import-not-found]  # noqa: PLC0415
     except ImportError as exc:
-        files = (
-            ", ".join(f"{root / 'MNIST' / 'raw' / (s + '.gz')}" for s in MNIST_FILES.values())
-            if name == "mnist"
-            else f"{root / CIFAR_DIR}/{{data_batch_1..5, test_batch}} (the extracted cifar-10-python.tar.gz)"
-        )
         raise DataError(
             f"--download needs torchvision, which is not installed (pip install 'exactgn[vision]'). "
-            f"Without it, place these files yourself: {files}"
+            f"Without it, place these files under {root} yourself: {entry.files}"
         ) from exc
     root.mkdir(parents=True, exist_ok=True)
-    cls = datasets.MNIST if name == "mnist" else datasets.CIFAR10
+    cls = getattr(datasets, str(entry.torchvision))
     try:
         for train in (True, False):
             cls(str(root), train=train, download=True)
-    except Exception as exc:  # network errors come in many types
+    except Exception as exc:  # noqa: BLE001 - network errors come in many types
         raise DataError(f"downloading {name} into {root} failed ({type(exc).__name__}: {exc})") from exc
 
 
 def load_raw(name: str, root: str | os.PathLike | None = None, *, download: bool = False) -> RawData:
-    """Read a dataset's files (``"mnist"``, ``"cifar10"``, ``"mnist-small"``) as uint8 arrays."""
-    if name not in DATASETS:
+    """Read a dataset's files (a name of :data:`REGISTRY`) as uint8 arrays; ``download`` fetches missing ones."""
+    if name not in REGISTRY:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    if name == "mnist-small":
-        return read_bundled_mnist()
+    entry = REGISTRY[name]
+    if not entry.needs_root:
+        return entry.read(Path())
     path = resolve_root(root)
-    reader = read_mnist if name == "mnist" else read_cifar10
     try:
-        return reader(path)
+        return entry.read(path)
     except DataError as exc:
-        if not download or not exc.missing:
+        if not download or not exc.missing or entry.torchvision is None:
             raise
     _download(name, path)
-    return reader(path)
+    return entry.read(path)
 
 
 # ---------------------------------------------------------------------------- preparation
 def normalise(images: np.ndarray | Tensor, dataset: str, dtype: torch.dtype = torch.float32) -> Tensor:
     """uint8 ``N × C × H × W`` → float ``(x/255 − mean_c)/std_c`` with the reference statistics."""
-    key = "mnist" if dataset.startswith("mnist") else dataset
-    mean, std = MEAN_STD[key]
+    mean, std = MEAN_STD[dataset]
     x = torch.as_tensor(np.asarray(images)).to(dtype) / 255.0
     if x.shape[1] != len(mean):
         raise ValueError(f"{dataset} images have {len(mean)} channel(s), got shape {tuple(x.shape)}")
@@ -505,7 +550,6 @@ def load_dataset(
     ``subset`` (see :func:`select_subset`), the test subset is always the first ``test_size``.
     """
     raw = load_raw(name, root, download=download)
-    base = "mnist" if name.startswith("mnist") else name
     for key, size, split in (("train_size", train_size, raw.train), ("test_size", test_size, raw.test)):
         if size > len(split.labels):
             raise DataError(f"data.{key} = {size} exceeds the {len(split.labels)} images of {name}'s "
@@ -516,7 +560,7 @@ def load_dataset(
     def make(split: RawSplit, idx: np.ndarray) -> Dataset:
         return Dataset(normalise(split.images[idx], name, dtype), torch.from_numpy(split.labels[idx].copy()), torch.from_numpy(idx))
 
-    return DataSplit(name, make(raw.train, train_idx), make(raw.test, test_idx), CLASSES[base], raw.source)
+    return DataSplit(name, make(raw.train, train_idx), make(raw.test, test_idx), CLASSES[name], raw.source)
 
 
 def one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -95,6 +95,7 @@ __all__ = [
     "diagnose_run",
     "read_diagnostics",
     "write_jsonl",
+    "read_probe",
 ]
 
 DEFAULT_PROBE_SIZE = 256  # the default of [diagnostics] probe_size
@@ -467,6 +468,16 @@ def diagnose_run(
             write_jsonl(tmp, rec)
         os.replace(tmp, target)
     return records
+
+
+def read_probe(path: str | os.PathLike) -> Tensor:
+    """A probe batch saved with ``torch.save`` (one tensor ``B × d``); a clear error for anything else."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"probe file {path} does not exist")
+    probe = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(probe, Tensor):
+        raise ValueError(f"probe file {path} must hold one tensor (B × d), got {type(probe).__name__}")
+    return probe
 
 
 def write_jsonl(path: str | os.PathLike, record: Mapping[str, Any]) -> None:

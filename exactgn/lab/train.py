@@ -48,7 +48,7 @@ from .checkpoint import (
     save_checkpoint,
     save_weights,
 )
-from .config import RESUMABLE_KEYS, ConfigError, RunConfig, flatten, load_config, replace_key, with_overrides, to_dict, write_config
+from .config import RESUMABLE_KEYS, ConfigError, RunConfig, flatten, from_dict, load_config, replace_key, with_overrides, to_dict, write_config
 from .data import DataSplit, load_dataset, random_resized_crop
 from .diagnostics import make_callback
 from .rundir import (
@@ -617,7 +617,7 @@ def _check_resumable(cfg: RunConfig, meta: dict[str, Any], payload: dict[str, An
     if status == "finished" and payload["epoch"] >= cfg.train.epochs:
         raise ValueError(f"{run_dir} already finished all {cfg.train.epochs} epochs; to train longer, resume with "
                          f"--set train.epochs=N (N > {cfg.train.epochs})")
-    saved = dict(payload["config"])
+    saved = to_dict(from_dict(payload["config"]))  # defaults filled in: keys added since the run started
     now = to_dict(cfg)
     for key in flatten(now):
         if key in RESUMABLE_KEYS:
