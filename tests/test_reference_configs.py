@@ -29,9 +29,9 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import random_model
 
 import exactgn
-from conftest import random_model
 from exactgn import config as C
 from exactgn.gn import compute_direction, jvp_logits
 from exactgn.study import STUDIES_DIR, list_studies, load_study, run_config, study_kind
