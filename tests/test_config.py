@@ -101,47 +101,7 @@ def test_resolved_config_round_trips_through_the_writer(tmp_path):
 
 
 # ---------------------------------------------------------------------------- shipped experiments
-REFERENCE = {
-    # setting/optimiser: (dataset, L, h, train_size, batch, lr, rtol, atol, least_squares, augment)
-    "mnist-fullbatch/gn": ("mnist", 2, 8000, 1024, 0, 1.0, 0.0, 0.0, True, False),
-    "mnist-fullbatch/adam": ("mnist", 2, 8000, 1024, 0, 1e-4, None, None, None, False),
-    "mnist-fullbatch/sgd": ("mnist", 2, 8000, 1024, 0, 0.1, None, None, None, False),
-    "mnist-minibatch/gn": ("mnist", 2, 8000, 0, 1000, 0.2, 1e-2, 1e-5, False, False),
-    "mnist-minibatch/adam": ("mnist", 2, 8000, 0, 1024, 1e-4, None, None, None, False),
-    "mnist-minibatch/sgd": ("mnist", 2, 8000, 0, 1024, 0.1, None, None, None, False),
-    "cifar10-fullbatch/gn": ("cifar10", 6, 8000, 1024, 0, 6.0, 0.0, 0.0, False, True),
-    "cifar10-fullbatch/adam": ("cifar10", 6, 8000, 1024, 0, 1e-5, None, None, None, True),
-    "cifar10-fullbatch/sgd": ("cifar10", 6, 8000, 1024, 0, 0.01, None, None, None, True),
-    "cifar10-minibatch/gn": ("cifar10", 6, 8000, 0, 1000, 0.6, 1e-2, 1e-5, False, False),
-    "cifar10-minibatch/adam": ("cifar10", 6, 8000, 0, 1024, 1e-4, None, None, None, True),
-    "cifar10-minibatch/sgd": ("cifar10", 6, 8000, 0, 1024, 0.01, None, None, None, True),
-}
-
-
-@pytest.mark.parametrize("name", list(REFERENCE))
-def test_reference_settings(name):
-    dataset, blocks, hidden, n, batch, lr, rtol, atol, lsq, augment = REFERENCE[name]
-    cfg = C.load_config(name)
-    assert (cfg.data.dataset, cfg.model.blocks, cfg.model.hidden, cfg.data.train_size) == (dataset, blocks, hidden, n)
-    assert (cfg.train.batch_size, cfg.optim.lr, cfg.data.augment) == (batch, lr, augment)
-    assert cfg.model.init_std == 1e-3 and cfg.train.epochs == 100 and cfg.train.loss == "cross_entropy"
-    assert cfg.optim.name == name.split("/")[1] and cfg.seed == 42 and cfg.data.subset == "first"
-    if cfg.optim.name == "gn":
-        g = cfg.optim.gn
-        assert (g.rtol, g.atol, g.least_squares, g.inverse, g.hessian) == (rtol, atol, lsq, "right", "identity")
-        text = C.find_config(name).read_text()
-        assert "1/L" in text and f"× {blocks} = {lr:g}" in text  # the conversion is stated in the file
-
-
-@pytest.mark.parametrize("name", [n for n in REFERENCE])
-def test_every_reference_setting_has_a_cpu_twin_with_its_optimiser_settings(name):
-    setting, opt = name.split("/")
-    ref, twin = C.load_config(name), C.load_config(f"{setting}-cpu/{opt}")
-    assert C.to_dict(twin.optim) == C.to_dict(ref.optim)
-    assert (twin.data.dataset, twin.data.augment, twin.train.loss, twin.seed) == (ref.data.dataset, ref.data.augment, ref.train.loss, ref.seed)
-    assert twin.model.hidden <= 1024 and twin.train.epochs < ref.train.epochs
-    assert (twin.train.batch_size == 0) == (ref.train.batch_size == 0)
-    assert twin.train.batch_size <= twin.model.hidden  # inverted bottleneck wider than the batch
+# The reference settings, their twins and their conversions: tests/test_reference_configs.py.
 
 
 def test_settings_listing_and_every_shipped_file_loads():
