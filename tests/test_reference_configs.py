@@ -31,10 +31,10 @@ import torch
 from conftest import random_model
 
 import exactgn
-from exactgn import config as C
+from exactgn.lab import config as C
 from exactgn.gn import compute_direction, jvp_logits
-from exactgn.study import STUDIES_DIR, list_studies, load_study, run_config, study_kind
-from exactgn.sweep import load_sweep, make_trials
+from exactgn.lab.study import STUDIES_DIR, list_studies, load_study, run_config, study_kind
+from exactgn.lab.sweep import load_sweep, make_trials
 
 REPO = "mtkresearch/exact_GN_revNN"
 HEAD = "f7846fa"
