@@ -260,7 +260,8 @@ def read_idx_dataset(root: str | os.PathLike, folder: str = "MNIST", name: str =
         images = read_idx(img_path, kind="images")
         labels = read_idx(lab_path, kind="labels")
         if images.shape[1:] != (28, 28):
-            raise DataError(f"{img_path}: images are {images.shape[1]}×{images.shape[2]}, {name}'s are 28×28")
+            raise DataError(f"{img_path}: images are {images.shape[1]}×{images.shape[2]}, "
+                            f"{REGISTRY[name].title}'s are 28×28")
         if images.shape[0] != labels.shape[0]:
             raise DataError(
                 f"{img_path} holds {images.shape[0]} images but {lab_path} holds {labels.shape[0]} labels; "
@@ -428,27 +429,30 @@ class DatasetEntry:
     std: tuple[float, ...]
     classes: tuple[str, ...]
     torchvision: str | None
-    files: str
+    files: Callable[[Path], str]
     needs_root: bool = True
 
 
 _MNIST_STATS = ((0.1307,), (0.3081,))
+
+
+def _idx_files(folder: str) -> Callable[[Path], str]:
+    return lambda root: ", ".join(str(root / folder / "raw" / f"{stem}.gz") for stem in MNIST_FILES.values())
 _DIGITS = tuple(str(i) for i in range(10))
 
 #: Dataset name (``data.dataset``) → its entry. Adding a dataset is adding an entry here.
 REGISTRY: dict[str, DatasetEntry] = {
-    "mnist": DatasetEntry("MNIST", read_mnist, *_MNIST_STATS, _DIGITS, "MNIST",
-                          "the four *-ubyte.gz files of the MNIST release in MNIST/raw/"),
+    "mnist": DatasetEntry("MNIST", read_mnist, *_MNIST_STATS, _DIGITS, "MNIST", _idx_files("MNIST")),
     "cifar10": DatasetEntry(
         "CIFAR-10", read_cifar10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
         ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"), "CIFAR10",
-        f"{CIFAR_DIR}/{{data_batch_1..5, test_batch}} (the extracted cifar-10-python.tar.gz)"),
+        lambda root: f"{root / CIFAR_DIR}/{{data_batch_1..5, test_batch}} (the extracted cifar-10-python.tar.gz)"),
     "mnist-small": DatasetEntry("mnist-small", lambda root: read_bundled_mnist(), *_MNIST_STATS, _DIGITS, None,
-                                "nothing (bundled with exactgn)", needs_root=False),
+                                lambda root: "nothing (bundled with exactgn)", needs_root=False),
     "fashion-mnist": DatasetEntry(
         "Fashion-MNIST", read_fashion_mnist, (0.2860,), (0.3530,),
         ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
-        "FashionMNIST", "the four *-ubyte.gz files of the Fashion-MNIST release in FashionMNIST/raw/"),
+        "FashionMNIST", _idx_files("FashionMNIST")),
 }
 DATASETS = tuple(REGISTRY)
 #: Reference normalisation per dataset, ``(mean, std)`` per channel (from :data:`REGISTRY`).
@@ -464,7 +468,7 @@ def _download(name: str, root: Path) -> None:
     except ImportError as exc:
         raise DataError(
             f"--download needs torchvision, which is not installed (pip install 'exactgn[vision]'). "
-            f"Without it, place these files under {root} yourself: {entry.files}"
+            f"Without it, place these files yourself: {entry.files(root)}"
         ) from exc
     root.mkdir(parents=True, exist_ok=True)
     cls = getattr(datasets, str(entry.torchvision))

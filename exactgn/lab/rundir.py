@@ -256,7 +256,7 @@ def read_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{path}: no such file; {run_dir} is not an exactgn run folder") from exc
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: corrupt JSON ({exc})") from exc
+        raise ValueError(f"{path}: invalid JSON ({exc})") from exc
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return meta
