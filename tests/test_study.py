@@ -18,7 +18,6 @@ from exactgn.cli import main as cli_main
 from exactgn.lab.config import ConfigError, apply_overrides, dumps, from_dict, load_config, loads_config, to_dict
 from exactgn.lab.diagnostics import read_diagnostics
 from exactgn.gn import jvp_logits
-from exactgn.optim import GaussNewton
 from exactgn.lab.rundir import read_meta, read_rows
 from exactgn.lab.study import STUDIES_DIR, list_studies, load_study, plan, run_config, run_study, study_kind
 from exactgn.lab.sweep import load_sweep, make_trials, run_sweep

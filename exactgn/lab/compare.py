@@ -87,6 +87,7 @@ def comparison_rows(run_dirs: dict[str, Path]) -> list[dict[str, Any]]:
 
 
 def format_cell(value: Any, kind: str) -> str:
+    """One table cell: ``kind`` is ``acc`` (in %), ``loss``, ``time`` (seconds) or anything else (as is)."""
     if value is None:
         return "-"
     if kind == "acc":
@@ -118,6 +119,7 @@ def format_markdown(rows: Sequence[dict[str, Any]], title: str = "") -> str:
 
 
 def format_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """The comparison as CSV (the columns of :data:`CSV_FIELDS`; missing values empty)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()

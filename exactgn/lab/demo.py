@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .compare import compare, comparison_rows
-from .rundir import read_rows
+from .rundir import log_path, read_rows
 
 __all__ = ["SETTINGS", "run_demo", "reading"]
 
@@ -33,7 +33,7 @@ def reading(out: Path) -> str:
         )
     mb = {r["optimiser"]: r for r in comparison_rows({o: out / "demo-minibatch" / o for o in ("gn", "adam", "sgd")})}
     if all(r.get("best_test_accuracy") is not None for r in mb.values()):
-        rows = read_rows(out / "demo-minibatch" / "gn" / "epochs.csv")
+        rows = read_rows(log_path(out / "demo-minibatch" / "gn", "epochs"))
         changes = [r["mean_loss_change_pct"] for r in rows if r.get("mean_loss_change_pct") is not None]
         lines.append(
             f"Mini-batch: best test accuracy GN {100 * mb['gn']['best_test_accuracy']:.1f}%, Adam "

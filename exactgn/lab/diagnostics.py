@@ -412,6 +412,25 @@ def runs_cka(
     return representation_cka(model_a.double(), model_b.double(), probe_inputs.double(), unbiased=unbiased)
 
 
+def _check_positive_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _run_probe_size(run: Path) -> Any:
+    """The run's own ``diagnostics.probe_size`` (records then match those made during training)."""
+    config = read_run_config(run) if rundir.config_path(run).is_file() else {}
+    return config.get("diagnostics", {}).get("probe_size", DEFAULT_PROBE_SIZE)
+
+
+def _diagnostics_target(run: Path, out: Any, overwrite: bool) -> Path | None:
+    target = None if out is False else Path(out) if out is not None else rundir.diagnostics_path(run)
+    if target is not None and target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists; pass --overwrite (overwrite=True) to replace it, "
+                              "or --out FILE")
+    return target
+
+
 def diagnose_run(
     run_dir: str | os.PathLike,
     *,
@@ -435,28 +454,21 @@ def diagnose_run(
     """
     run = Path(run_dir)
     ckpts = epoch_checkpoints(run)
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"every must be an integer >= 1, got {every!r}")
-    if probe_size is None:
-        config = read_run_config(run) if rundir.config_path(run).is_file() else {}
-        probe_size = config.get("diagnostics", {}).get("probe_size", DEFAULT_PROBE_SIZE)
-    if isinstance(probe_size, bool) or not isinstance(probe_size, int) or probe_size < 4:
-        raise ValueError(f"probe_size must be an integer >= 4, got {probe_size!r}")
-    target: Path | None = None if out is False else Path(out) if out is not None else rundir.diagnostics_path(run)
-    if target is not None and target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; pass --overwrite (overwrite=True) to replace it, or --out FILE")
+    _check_positive_int("every", every, 1)
+    probe_size = _run_probe_size(run) if probe_size is None else probe_size
+    _check_positive_int("probe_size", probe_size, 4)
+    target = _diagnostics_target(run, out, overwrite)
     if probe_inputs is None:
         probe_inputs = _probe_inputs(read_run_config(run), probe_size, root=data_root)
-    probe_inputs = probe_inputs[:probe_size]
-    recorder = DiagnosticsRecorder.from_checkpoint(ckpts[0], probe_inputs, every=every, **recorder_kwargs)
-    records = []
-    epochs = [e for e in ckpts if e % every == 0]
-    iterator: Iterable[int] = epochs
+    recorder = DiagnosticsRecorder.from_checkpoint(ckpts[0], probe_inputs[:probe_size], every=every,
+                                                   **recorder_kwargs)
+    epochs: Iterable[int] = [e for e in ckpts if e % every == 0]
     if progress:
-        from tqdm import tqdm
+        from tqdm import tqdm  # noqa: PLC0415
 
-        iterator = tqdm(epochs, desc=f"diagnose {run.name}", unit="ckpt")
-    for epoch in iterator:
+        epochs = tqdm(epochs, desc=f"diagnose {run.name}", unit="ckpt")
+    records = []
+    for epoch in epochs:
         model, ck_epoch = load_checkpoint_model(ckpts[epoch])
         if ck_epoch != epoch:
             raise ValueError(f"{ckpts[epoch]} says epoch {ck_epoch}, but its name says epoch {epoch}")

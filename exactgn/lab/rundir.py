@@ -221,6 +221,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """:func:`atomic_write_bytes` of ``text`` in UTF-8."""
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
@@ -245,6 +246,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def write_meta(run_dir: str | os.PathLike, meta: dict[str, Any]) -> None:
+    """Replace ``meta.json`` atomically (non-finite numbers become ``null``)."""
     atomic_write_text(meta_path(run_dir), json.dumps(json_safe(meta), indent=2, sort_keys=False) + "\n")
 
 

@@ -53,7 +53,19 @@ from typing import Any, Sequence
 
 from .config import (EXECUTION_KEYS, ConfigError, RunConfig, find_config, find_shipped, flatten, load_config, parse_override, read_toml,
                      to_dict, toml_value)
-from .rundir import atomic_write_text, file_sha256, read_meta, run_state
+from .rundir import (
+    EPOCHS_CSV,
+    META_FILE,
+    atomic_write_text,
+    config_path,
+    epoch_checkpoint,
+    file_sha256,
+    is_run,
+    last_checkpoint,
+    meta_path,
+    read_meta,
+    run_state,
+)
 from .schema import validate_table
 from .specs import StudyFile, StudyRunTable
 
@@ -212,8 +224,8 @@ def _check_dependency(path: Path, where: str, run: StudyRun, cfg: RunConfig, sou
 
 
 def _source_checkpoint(out: Path, run: StudyRun) -> Path:
-    folder = out / str(run.init_from) / "checkpoints"
-    return folder / ("last.pt" if run.init_epoch is None else f"epoch_{run.init_epoch:04d}.pt")
+    source = out / str(run.init_from)
+    return last_checkpoint(source) if run.init_epoch is None else epoch_checkpoint(source, run.init_epoch)
 
 
 def run_config(spec: StudySpec, run: StudyRun, out: Path | None = None, *, check_only: bool = False) -> RunConfig:
@@ -232,7 +244,7 @@ def run_config(spec: StudySpec, run: StudyRun, out: Path | None = None, *, check
 def _differences(run_dir: Path, cfg: RunConfig, run: StudyRun) -> list[str]:
     """Keys whose value in ``run_dir/config.toml`` differs from ``cfg`` (ignoring paths, devices and speed), and, for
     a run started from an earlier run, whether that source checkpoint has changed since (its SHA-256)."""
-    saved = flatten(to_dict(load_config(run_dir / "config.toml")))
+    saved = flatten(to_dict(load_config(config_path(run_dir))))
     now = flatten(to_dict(cfg))
     ignored = _IGNORED_KEYS + (("model.init_from",) if run.init_from is not None else ())  # the study folder may move
     diffs = [f"{k} = {toml_value(saved.get(k))} there, {toml_value(now[k])} in the study"
@@ -260,8 +272,8 @@ def _result_row(spec: StudySpec, run: StudyRun, run_dir: Path, status: str | Non
             row["start_epoch"] = run.init_epoch
         else:
             source = run_dir.parent / run.init_from
-            row["start_epoch"] = read_meta(source).get("epochs_done") if (source / "meta.json").is_file() else None
-    if (run_dir / "meta.json").is_file() and (run_dir / "epochs.csv").is_file():
+            row["start_epoch"] = read_meta(source).get("epochs_done") if meta_path(source).is_file() else None
+    if is_run(run_dir, (META_FILE, EPOCHS_CSV)):
         row.update(summarise_run(run_dir))
     if status is not None:
         row["status"] = status

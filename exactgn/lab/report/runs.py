@@ -299,6 +299,7 @@ def aggregate_seeds(rows_per_run: Sequence[Sequence[dict[str, Any]]], key: str, 
 
 
 def final_value(run: Run, key: str) -> float:
+    """The last finite value of ``key`` in the run's epoch rows, else ``nan``."""
     for row in reversed(run.epochs):
         v = row.get(key, math.nan)
         if math.isfinite(v):
@@ -307,6 +308,7 @@ def final_value(run: Run, key: str) -> float:
 
 
 def best_value(run: Run, key: str, highest: bool) -> float:
+    """The highest (or lowest) finite value of ``key`` over the run's epoch rows, else ``nan``."""
     vals = [r[key] for r in run.epochs if key in r and math.isfinite(r[key])]
     if not vals:
         return math.nan
