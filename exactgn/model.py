@@ -18,7 +18,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["HalfLayer", "CouplingBlock", "RevMLP", "HalfLayerRecord"]
+__all__ = ["HalfLayer", "CouplingBlock", "RevMLP", "HalfLayerRecord", "activation_rank_bound"]
+
+
+def activation_rank_bound(n: int, width: int, activation: str, bias: bool) -> int:
+    """Largest possible rank of a half-layer's activation matrix ``A = [φ(u C), 1]`` (``u``: ``B × n``,
+    ``C``: ``n × width``): a ReLU can lift the rank of ``u C`` up to ``width``; the identity cannot exceed ``n``.
+    The right inverse of DESIGN §3a is exact only for batches no larger than this."""
+    cols = width if activation == "relu" else min(width, n)
+    return cols + (1 if bias else 0)
 
 
 @dataclass
@@ -63,8 +71,7 @@ class HalfLayer(nn.Module):
         A ReLU can lift the rank of ``u C`` up to its width ``h``; the identity cannot exceed ``n``.
         The right inverse of DESIGN §3a is exact only for batches no larger than this.
         """
-        cols = self.width if self.activation == "relu" else min(self.width, self.n)
-        return cols + (1 if self.bias is not None else 0)
+        return activation_rank_bound(self.n, self.width, self.activation, self.bias is not None)
 
     def proj_lq(self) -> tuple[Tensor, Tensor]:
         """``C = L Q`` with ``L`` (``n × n``, lower triangular) and ``Q`` (``n × h``, orthonormal rows); ``h ≥ n``.

@@ -16,7 +16,8 @@ from typing import Callable
 
 import torch
 
-from ..model import RevMLP
+from ..gn import GRAM_CHUNKS
+from ..model import RevMLP, activation_rank_bound
 from ..optim import GaussNewton
 from ..precision import dtype_from_name, matmul_precision
 
@@ -63,14 +64,15 @@ def step_flops(features: int, hidden: int | None, blocks: int, batch: int, class
     # which needs no gradient, so it has only its weight gradient.
     backward = hl * (4 * B * n * w + proj) - proj - 2 * B * n * w + readout
     adam = forward + backward
-    q = min(8, B)
+    q = min(GRAM_CHUNKS, B)
     tri = (q + 1) / (2 * q)  # share of a Gram's blocks in its lower block triangle (row chunks)
     gram = 2 * B * B * w * tri + B * B  # K = φφᵀ (+1)
     param_step = 2 * B * n * w
     jvp = proj + 2 * B * w * n
     row_solve = gram + B**3 / 3 + 4 * B * B * n + param_step  # Gram, Cholesky, solve + residual, ΔΘ
     # Half-layers whose batch exceeds their rank bound take the column route (see gn._column_step).
-    bounds = [((min(w, n) if l == 0 else w) + 1, l == 0) for l in range(L) for _ in (0, 1)]
+    bounds = [(activation_rank_bound(n, w, "identity" if l == 0 else "relu", True), l == 0)
+              for l in range(L) for _ in (0, 1)]
     right_solves = 0.0
     for c, identity in bounds:
         if B <= c:

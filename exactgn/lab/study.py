@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import (EXECUTION_KEYS, ConfigError, RunConfig, find_config, find_shipped, flatten, load_config, parse_override, read_toml,
+from .config import (EXECUTION_KEYS, EXPERIMENTS_DIR, ConfigError, RunConfig, find_config, find_shipped, flatten, load_config, parse_override, read_toml,
                      to_dict, toml_value)
 from .rundir import (
     EPOCHS_CSV,
@@ -66,8 +66,11 @@ from .rundir import (
     read_meta,
     run_state,
 )
+from .compare import format_cell, summarise_run
 from .schema import validate_table
 from .specs import StudyFile, StudyRunTable
+from .sweep import describe_overrides, load_sweep, make_trials, run_sweep
+from .train import train
 
 __all__ = [
     "STUDIES_DIR",
@@ -264,8 +267,6 @@ RESULT_FIELDS = ("run", "init_from", "start_epoch", "optimiser", "status", "epoc
 
 
 def _result_row(spec: StudySpec, run: StudyRun, run_dir: Path, status: str | None = None) -> dict[str, Any]:
-    from .compare import summarise_run
-
     row: dict[str, Any] = {"run": run.name, "init_from": run.init_from or "", "run_dir": str(run_dir)}
     if run.init_from is not None:
         if run.init_epoch is not None:
@@ -281,8 +282,6 @@ def _result_row(spec: StudySpec, run: StudyRun, run_dir: Path, status: str | Non
 
 
 def _write_results(out: Path, rows: list[dict[str, Any]]) -> None:
-    from .compare import format_cell
-
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=RESULT_FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -310,8 +309,6 @@ def _say(progress: bool, text: str) -> None:
 
 
 def _run_list(spec: StudySpec, out: Path, progress: bool) -> list[dict[str, Any]]:
-    from .train import train
-
     out.mkdir(parents=True, exist_ok=True)
     listing = {
         "name": spec.name, "study_file": str(spec.path), "description": spec.description,
@@ -376,8 +373,6 @@ def run_study(
         if overrides:
             raise ValueError(f"{path} is a sweep file: --set does not apply to it; put overrides in its [set] table "
                              "(only --data-root and --device are passed on, through the environment)")
-        from .sweep import load_sweep, run_sweep
-
         name = load_sweep(path).name
         return run_sweep(path, Path(out) if out else Path("runs") / "studies" / name, backend=backend, progress=progress)
     if backend is not None:
@@ -390,8 +385,6 @@ def run_study(
 
 def _config_name(path: Path) -> str:
     """A shipped experiment's name (``setting/optimiser``), else the path."""
-    from .config import EXPERIMENTS_DIR
-
     try:
         return path.resolve().relative_to(EXPERIMENTS_DIR).with_suffix("").as_posix()
     except ValueError:
@@ -402,8 +395,6 @@ def plan(study: str | Path, overrides: Sequence[str] = ()) -> str:
     """What :func:`run_study` would run, one line per run or trial (``--dry-run``)."""
     path = find_study(study).resolve()
     if study_kind(path) == "sweep":
-        from .sweep import describe_overrides, load_sweep, make_trials
-
         sweep = load_sweep(path)
         lines = [f"sweep {sweep.name} ({len(make_trials(sweep))} trials of {sweep.base}): {sweep.description}"]
         lines += [f"  {t.name}: {describe_overrides(t.overrides)}" for t in make_trials(sweep)]

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ...metrics import block_outputs, linear_cka
+from ..diagnostics import load_run_model, probe_inputs
 from ..rundir import last_checkpoint
 from .runs import Panel, Run, Series, aggregate_seeds
 
@@ -269,8 +271,6 @@ def _pairs(si: Series, sj: Series, same: bool) -> list[tuple[Run, Run]]:
 
 
 def _cka_matrices(entries: list[tuple[str, Series]], outs: dict[Path, list[Any]], blocks: int) -> dict[bool, Any]:
-    from ..diagnostics import linear_cka  # noqa: PLC0415
-
     n = len(entries)
     mats = {ub: [[[math.nan] * n for _ in range(n)] for _ in range(blocks)] for ub in (False, True)}
     for i, (_, si) in enumerate(entries):
@@ -287,8 +287,6 @@ def _cka_matrices(entries: list[tuple[str, Series]], outs: dict[Path, list[Any]]
 def cross_cka(panels: Sequence[Panel], probe_size: int, data_root: str | None) -> list[CrossCKA]:
     """CKA of every block's output between the final models of every pair of series, per dataset."""
     import torch  # noqa: PLC0415
-
-    from ..diagnostics import block_outputs, load_run_model, probe_inputs  # noqa: PLC0415
 
     results = []
     for dataset, entries in _series_by_dataset(panels).items():
