@@ -20,6 +20,7 @@ from ..gn import GRAM_CHUNKS
 from ..model import RevMLP, activation_rank_bound
 from ..optim import GaussNewton
 from ..precision import dtype_from_name, matmul_precision
+from .rundir import meta_value, provenance
 
 __all__ = ["BenchConfig", "run_bench", "step_flops", "format_table"]
 
@@ -113,26 +114,8 @@ def _time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: 
 
 
 def _environment(device: torch.device) -> dict[str, object]:
-    env: dict[str, object] = {
-        "device": str(device),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-    }
-    if device.type == "cuda":
-        env["device_name"] = torch.cuda.get_device_name(device)
-    else:
-        try:
-            with open("/proc/cpuinfo") as fh:
-                for line in fh:
-                    if line.startswith("model name"):
-                        env["device_name"] = line.split(":", 1)[1].strip()
-                        break
-        except OSError:
-            pass
-    return env
+    """Where the benchmark ran: the provenance keys every exactgn writer uses, plus the processor."""
+    return {**provenance(device), "processor": platform.processor() or platform.machine()}
 
 
 def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, object]:
@@ -161,7 +144,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, object]:
         with torch.no_grad():
             fwd = lambda: model(x)  # noqa: E731
             results["forward_s"], timings["forward"], peaks["forward"] = _time(fwd, device, cfg.repeats, cfg.warmup)
-        del model
+        model = None  # free it before the next build (closures below rebind it)
 
         model = build()
         adam = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -172,7 +155,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, object]:
             adam.step()
 
         results["adam_step_s"], timings["adam_step"], peaks["adam_step"] = _time(adam_step, device, cfg.repeats, cfg.warmup)
-        del model, adam
+        model = adam = None
 
         for inverse in ("right", "pinv"):
             key = f"gn_{inverse}_step"
@@ -183,7 +166,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, object]:
             methods[key] = sorted({s.method for s in opt.last_result.solves})
             if progress:
                 print(f"  {key}: {results[f'{key}_s']:.4g} s", flush=True)
-            del model, opt
+            model = opt = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -212,7 +195,7 @@ def format_table(results: dict[str, object]) -> str:
     sizes, env = results["sizes"], results["environment"]
     head = (
         f"d={sizes['features']} h={sizes['hidden']} L={sizes['blocks']} B={sizes['batch']} k={sizes['classes']} "
-        f"on {env.get('device_name', env['device'])} ({results['device']}, torch {env['torch']}, "
+        f"on {env.get('device_name', env['device'])} ({results['device']}, torch {meta_value(env, 'torch_version')}, "
         f"{env['threads']} threads, {results['settings']['dtype']}"
         f"{', TF32' if results['settings']['tf32'] else ''}"
         f"{', float64 solves' if results['settings']['solve_dtype'] == 'float64' else ''}"
