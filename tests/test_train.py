@@ -11,6 +11,7 @@ import torch
 
 from conftest import data_root
 from exactgn.lab import train as T
+from exactgn.lab.steppers import build_model
 from exactgn.lab.checkpoint import load_checkpoint
 from exactgn.cli import main as cli_main
 from exactgn.lab.config import ConfigError, load_config, loads_config, to_dict
@@ -81,6 +82,11 @@ def test_run_folder_follows_the_contract(tmp_path):
     # JSON lines hold the same rows.
     assert [r["loss"] for r in read_jsonl(run / "steps.jsonl")] == [r["loss"] for r in steps]
     assert [r["test_accuracy"] for r in read_jsonl(run / "epochs.jsonl")] == [r["test_accuracy"] for r in epochs]
+    check_checkpoints(run, cfg)
+
+
+def check_checkpoints(run: Path, cfg) -> None:
+    """The checkpoints of a finished two-epoch run with train.keep_checkpoints = true."""
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert ckpts == ["epoch_0000.pt", "epoch_0001.pt", "epoch_0002.pt", "last.pt"]
     epoch_ckpt = torch.load(run / "checkpoints" / "epoch_0002.pt", weights_only=True)
@@ -90,8 +96,6 @@ def test_run_folder_follows_the_contract(tmp_path):
     assert set(last["rng"]) == {"torch", "cuda", "numpy", "python", "data"}
     assert not (run / "diagnostics.jsonl").exists()  # no diagnostics asked for
     # The epoch-0 checkpoint is the untrained model.
-    from exactgn.lab.steppers import build_model
-
     fresh = build_model(cfg, 784, 10)
     init = torch.load(run / "checkpoints" / "epoch_0000.pt", weights_only=True)["model"]
     assert all(torch.equal(init[k], v) for k, v in fresh.state_dict().items())
