@@ -491,20 +491,20 @@ def select_subset(labels: np.ndarray, size: int, method: str = "first", seed: in
 
 
 def split_indices(
-    labels: np.ndarray, train_size: int = 0, subset: str = "first", subset_seed: int = 0, *, val_size: int = 0,
-    val_seed: int = 0, num_classes: int = 10,
+    labels: np.ndarray, train_size: int = 0, subset: str = "first", subset_seed: int = 0, *,
+    val_size: int = 0, val_seed: int = 0, num_classes: int = 10,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Indices (sorted, int64) into the training file of the training subset and of the validation images.
 
     The rule (validation never touches the test file):
 
     * ``train_size > 0``: the training subset is exactly what it is without validation
-      (:func:`select_subset`: the first ``train_size`` images, or the seeded balanced draw), so turning validation
-      on never changes what a run trains on; the ``val_size`` validation images are a uniform draw without
+      (:func:`select_subset`: the first ``train_size`` images, or the seeded balanced draw), so turning
+      validation on never changes what a run trains on; the ``val_size`` validation images are a uniform draw without
       replacement, seeded by ``val_seed``, from the images *outside* that subset. Needs
       ``train_size + val_size <= N``.
-    * ``train_size = 0`` (all images): the validation images are that uniform draw from all ``N`` images, and the
-      training set is every other image (``N - val_size`` of them).
+    * ``train_size = 0`` (all images): the validation images are that uniform draw from all ``N`` images, and
+      the training set is every other image (``N - val_size`` of them).
 
     ``val_size = 0`` gives an empty validation set and the training subset of :func:`select_subset`.
     """
@@ -564,7 +564,8 @@ def load_dataset(
         return Dataset(normalise(split.images[idx], name, dtype), torch.from_numpy(split.labels[idx].copy()), torch.from_numpy(idx))
 
     val = make(raw.train, val_idx) if val_size else None
-    return DataSplit(name, make(raw.train, train_idx), make(raw.test, test_idx), CLASSES[base], raw.source, val)
+    train, test = make(raw.train, train_idx), make(raw.test, test_idx)
+    return DataSplit(name, train, test, CLASSES[base], raw.source, val)
 
 
 def one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -641,7 +641,8 @@ def probe_inputs(config: Any, size: int, *, root: str | os.PathLike | None = Non
         raise ValueError(f"probe size must be a positive integer, got {size!r}")
     raw = datamod.load_raw(name, root if root is not None else (get("root", "") or None))
     idx, _ = datamod.split_indices(raw.train.labels, get("train_size", 0), get("subset", "first"),
-                                   get("subset_seed", 0), val_size=get("val_size", 0), val_seed=get("val_seed", 0))
+                                   get("subset_seed", 0), val_size=get("val_size", 0),
+                                   val_seed=get("val_seed", 0))
     size = min(size, len(idx))  # a training set smaller than the probe: all of it (as in training)
     model = config.get("model", {}) if isinstance(config, Mapping) else getattr(config, "model", None)
     dtype_name = model.get("dtype", "float32") if isinstance(model, Mapping) else getattr(model, "dtype", "float32")

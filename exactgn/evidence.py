@@ -1,24 +1,26 @@
-"""Comparisons a sceptical reviewer accepts: diagnostics at matched training loss, CKA between runs, contenders.
+"""Comparisons a sceptical reviewer accepts: diagnostics at matched training loss, CKA between runs,
+contenders.
 
 Full-batch GN reaches a far lower training loss than Adam or SGD in the same number of steps, so comparing
-"laziness" (NTK alignment, weight change, CKA against initialisation) at matched *epochs* confounds the optimiser
-with how far it has fitted the data. Here every run is read at the point where it first reaches a given training
-loss instead.
+"laziness" (NTK alignment, weight change, CKA against initialisation) at matched *epochs* confounds the
+optimiser with how far it has fitted the data. Here every run is read at the point where it first reaches a
+given training loss instead.
 
-**The matching rule.** A run's candidate epochs are the epochs that have what the comparison needs (a diagnostics
-record, or a model checkpoint) and a row in ``epochs.csv``. Its *matched epoch* for a target loss ``ℓ*`` is the
-**first candidate epoch whose full-training-set loss** (``epochs.csv`` ``train_loss``, no augmentation) **is at or
-below** ``ℓ*``. Nothing is interpolated: records are discrete, so the picked record's actual loss is reported
-beside it (it can be well below ``ℓ*`` when records are sparse or the loss falls fast). A run that never reaches
-``ℓ*`` at a candidate epoch is reported as *not reached*, with the lowest candidate loss and its epoch.
+**The matching rule.** A run's candidate epochs are the epochs that have what the comparison needs (a
+diagnostics record, or a model checkpoint) and a row in ``epochs.csv``. Its *matched epoch* for a target loss
+``ℓ*`` is the **first candidate epoch whose full-training-set loss** (``epochs.csv`` ``train_loss``, no
+augmentation) **is at or below** ``ℓ*``. Nothing is interpolated: records are discrete, so the picked record's
+actual loss is reported beside it (it can be well below ``ℓ*`` when records are sparse or the loss falls
+fast). A run that never reaches ``ℓ*`` at a candidate epoch is reported as *not reached*, with the lowest
+candidate loss and its epoch.
 
-**CKA between runs** (:func:`cross_cka_at_loss`): the models of two runs (e.g. GN and Adam, same seed) at their
-matched epochs, compared block by block with linear CKA on one probe batch (the first ``probe_size`` training
-images of the first run), next to each run's CKA against its own initialisation (``epoch_0000.pt``) on the same
-probe. It needs model checkpoints at the candidate epochs: ``checkpoints/epoch_NNNN.pt`` exist only with
-``train.keep_checkpoints = true`` (at ``epoch 0`` always, then every ``train.checkpoint_every`` epochs and at the
-end); ``checkpoints/last.pt`` adds the final epoch. Set ``checkpoint_every`` to ``diagnostics.every`` so that the
-two tables can pick the same epochs.
+**CKA between runs** (:func:`cross_cka_at_loss`): the models of two runs (e.g. GN and Adam, same seed) at
+their matched epochs, compared block by block with linear CKA on one probe batch (the first ``probe_size``
+training images of the first run), next to each run's CKA against its own initialisation (``epoch_0000.pt``)
+on the same probe. It needs model checkpoints at the candidate epochs: ``checkpoints/epoch_NNNN.pt`` exist
+only with ``train.keep_checkpoints = true`` (at ``epoch 0`` always, then every ``train.checkpoint_every``
+epochs and at the end); ``checkpoints/last.pt`` adds the final epoch. Set ``checkpoint_every`` to
+``diagnostics.every`` so that the two tables can pick the same epochs.
 
 **Contenders** (:func:`contender`): a short label per optimiser setting, from a run's configuration:
 ``jflat-trunc`` (GN, right inverse J♭, truncated), ``jflat`` (J♭ untruncated), ``jplus`` (GN, minimum-norm J⁺,
@@ -73,9 +75,10 @@ def contender(config: Mapping[str, Any]) -> str:
 class Matched:
     """Where a run first reaches a target training loss.
 
-    ``epoch``/``train_loss``: the matched epoch and its actual loss (``None`` when not reached); ``lowest_loss``,
-    ``lowest_epoch``: the lowest candidate loss and its epoch (what the run did reach); ``candidates``: how many
-    epochs were eligible; ``record``: the diagnostics record at ``epoch`` (for :func:`diagnostics_at_loss`).
+    ``epoch``/``train_loss``: the matched epoch and its actual loss (``None`` when not reached);
+    ``lowest_loss``, ``lowest_epoch``: the lowest candidate loss and its epoch (what the run did reach);
+    ``candidates``: how many epochs were eligible; ``record``: the diagnostics record at ``epoch`` (for
+    :func:`diagnostics_at_loss`).
     """
 
     run: Path
@@ -100,7 +103,9 @@ class Matched:
         return f"not reached (lowest {self.lowest_loss:.4g} at epoch {self.lowest_epoch})"
 
 
-def first_at_or_below(losses: Mapping[int, float], target: float, epochs: Iterable[int] | None = None) -> int | None:
+def first_at_or_below(
+    losses: Mapping[int, float], target: float, epochs: Iterable[int] | None = None
+) -> int | None:
     """The first epoch (ascending) among ``epochs`` (default: all of ``losses``) whose loss is finite and
     ``<= target``; ``None`` if there is none. Epochs without a loss are skipped."""
     if not math.isfinite(target):
@@ -114,7 +119,8 @@ def first_at_or_below(losses: Mapping[int, float], target: float, epochs: Iterab
 
 
 def epoch_losses(run: str | os.PathLike, key: str = "train_loss") -> dict[int, float]:
-    """Epoch → ``key`` (default the full training-set loss) from a run's ``epochs.csv``; a clear error without it."""
+    """Epoch → ``key`` (default the full training-set loss) from a run's ``epochs.csv``; a clear error
+    without it."""
     path = Path(run) / "epochs.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; matched-loss comparisons read the run's epochs.csv")
@@ -135,8 +141,15 @@ def match_loss(run: str | os.PathLike, target: float, epochs: Iterable[int]) -> 
     finite = [e for e in pool if math.isfinite(losses[e])]
     lowest = min(finite, key=lambda e: losses[e]) if finite else None
     epoch = first_at_or_below(losses, target, pool)
-    return Matched(Path(run), float(target), epoch, losses[epoch] if epoch is not None else None,
-                   losses[lowest] if lowest is not None else None, lowest, len(pool))
+    return Matched(
+        Path(run),
+        float(target),
+        epoch,
+        losses[epoch] if epoch is not None else None,
+        losses[lowest] if lowest is not None else None,
+        lowest,
+        len(pool),
+    )
 
 
 def diagnostics_at_loss(run: str | os.PathLike, target: float) -> Matched:
@@ -145,8 +158,10 @@ def diagnostics_at_loss(run: str | os.PathLike, target: float) -> Matched:
 
     path = Path(run) / DIAGNOSTICS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; train with [diagnostics] enabled = true, or run "
-                                f"`exactgn diagnose {run}` on a run with train.keep_checkpoints = true")
+        raise FileNotFoundError(
+            f"{path}: missing; train with [diagnostics] enabled = true, or run "
+            f"`exactgn diagnose {run}` on a run with train.keep_checkpoints = true"
+        )
     records = {int(r["epoch"]): r for r in read_diagnostics(path)}
     matched = match_loss(run, target, records)
     if matched.epoch is not None:
@@ -155,8 +170,8 @@ def diagnostics_at_loss(run: str | os.PathLike, target: float) -> Matched:
 
 
 def checkpoint_epochs(run: str | os.PathLike) -> dict[int, Path]:
-    """Epoch → model checkpoint of a run: every ``checkpoints/epoch_NNNN.pt``, plus ``checkpoints/last.pt`` at its
-    own epoch when no epoch checkpoint has that epoch. Empty when the run kept none."""
+    """Epoch → model checkpoint of a run: every ``checkpoints/epoch_NNNN.pt``, plus ``checkpoints/last.pt`` at
+    its own epoch when no epoch checkpoint has that epoch. Empty when the run kept none."""
     folder = Path(run) / "checkpoints"
     found: dict[int, Path] = {}
     for path in sorted(folder.glob("epoch_*.pt")) if folder.is_dir() else []:
@@ -177,8 +192,10 @@ def _same_inputs(a: Mapping[str, Any], b: Mapping[str, Any], run_a: Path, run_b:
     differ = [k for k in keys if da.get(k) != db.get(k)]
     if differ:
         detail = ", ".join(f"data.{k} {da.get(k)!r} vs {db.get(k)!r}" for k in differ)
-        raise ValueError(f"runs {run_a} and {run_b} train on different images ({detail}); CKA between runs needs "
-                         "the same training set, so that the probe batch means the same for both")
+        raise ValueError(
+            f"runs {run_a} and {run_b} train on different images ({detail}); CKA between runs needs "
+            "the same training set, so that the probe batch means the same for both"
+        )
 
 
 def cross_cka_at_loss(
@@ -206,8 +223,10 @@ def cross_cka_at_loss(
     ck_a, ck_b = checkpoint_epochs(run_a), checkpoint_epochs(run_b)
     for run, ck in ((run_a, ck_a), (run_b, ck_b)):
         if 0 not in ck:
-            raise FileNotFoundError(f"{run / 'checkpoints' / 'epoch_0000.pt'}: missing; CKA between runs reads the "
-                                    "model checkpoints (keep them with train.keep_checkpoints = true)")
+            raise FileNotFoundError(
+                f"{run / 'checkpoints' / 'epoch_0000.pt'}: missing; CKA between runs reads the "
+                "model checkpoints (keep them with train.keep_checkpoints = true)"
+            )
     ma, mb = match_loss(run_a, target, ck_a), match_loss(run_b, target, ck_b)
     size = probe_size or cfg_a.get("diagnostics", {}).get("probe_size", DEFAULT_PROBE_SIZE)
     out: dict[str, Any] = {"a": ma, "b": mb, "cross": {}, "a_init": {}, "b_init": {}, "probe_size": size}
@@ -224,7 +243,8 @@ def cross_cka_at_loss(
 
 
 def pair_runs(runs: Sequence[str | os.PathLike]) -> list[tuple[Path, Path]]:
-    """(GN run, Adam/SGD run) pairs with the same seed and training images, GN runs first, in the given order."""
+    """(GN run, Adam/SGD run) pairs with the same seed and training images, GN runs first, in the given
+    order."""
     configs = [(Path(r), read_toml(Path(r) / "config.toml")) for r in runs]
     pairs = []
     for run_a, ca in configs:
@@ -255,7 +275,9 @@ def _num(value: Any, digits: int = 4) -> str:
 
 def _per_block(record: Mapping[str, Any], pattern: str) -> str:
     prefix = pattern.split("{b}")[0]
-    blocks = sorted(int(k[len(prefix):]) for k in record if k.startswith(prefix) and k[len(prefix):].isdigit())
+    blocks = sorted(
+        int(k[len(prefix) :]) for k in record if k.startswith(prefix) and k[len(prefix) :].isdigit()
+    )
     return " / ".join(_num(record[f"{prefix}{b}"]) for b in blocks) or "-"
 
 
@@ -266,8 +288,16 @@ def _run_label(run: Path, config: Mapping[str, Any]) -> str:
 def matched_loss_table(runs: Sequence[str | os.PathLike], target: float) -> tuple[list[str], list[list[str]]]:
     """Header and rows (strings) of "diagnostics at matched training loss": one row per run, its matched epoch
     and actual loss (or *not reached*), and :data:`DIAGNOSTIC_KEYS` of that record (blocks as ``b0 / b1``)."""
-    head = ["run", "contender", "seed", f"matched at loss <= {target:g}", "NTK alignment", "‖W−W0‖/‖W0‖",
-            "CKA vs init (blocks)", "CKA Δ vs init (blocks)"]
+    head = [
+        "run",
+        "contender",
+        "seed",
+        f"matched at loss <= {target:g}",
+        "NTK alignment",
+        "‖W−W0‖/‖W0‖",
+        "CKA vs init (blocks)",
+        "CKA Δ vs init (blocks)",
+    ]
     rows = []
     for raw in runs:
         run = Path(raw)
@@ -276,8 +306,12 @@ def matched_loss_table(runs: Sequence[str | os.PathLike], target: float) -> tupl
         cells = [_run_label(run, cfg), contender(cfg), str(cfg.get("seed", "-")), m.describe()]
         if m.reached:
             rec = m.record
-            cells += [_num(rec.get("ntk_alignment")), _num(rec.get("weight_rel_change/all")),
-                      _per_block(rec, "cka/block{b}"), _per_block(rec, "cka_delta/block{b}")]
+            cells += [
+                _num(rec.get("ntk_alignment")),
+                _num(rec.get("weight_rel_change/all")),
+                _per_block(rec, "cka/block{b}"),
+                _per_block(rec, "cka_delta/block{b}"),
+            ]
         else:
             cells += ["-"] * 4
         rows.append(cells)
@@ -285,22 +319,44 @@ def matched_loss_table(runs: Sequence[str | os.PathLike], target: float) -> tupl
 
 
 def cross_cka_table(
-    runs: Sequence[str | os.PathLike], target: float, *, probe_size: int | None = None,
+    runs: Sequence[str | os.PathLike],
+    target: float,
+    *,
+    probe_size: int | None = None,
     data_root: str | os.PathLike | None = None,
 ) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of "CKA between GN and Adam/SGD at matched training loss": one row per (GN run, other run)
-    pair of :func:`pair_runs`, with both matched epochs and, per block (``b0 / b1``), CKA(GN, other), CKA(GN, its
-    init), CKA(other, its init)."""
-    head = ["seed", "GN run", "GN matched", "other run", "other matched", "probe", "CKA(GN, other)",
-            "CKA(GN, init)", "CKA(other, init)"]
+    """Header and rows of "CKA between GN and Adam/SGD at matched training loss": one row per (GN run, other
+    run) pair of :func:`pair_runs`, with both matched epochs and, per block (``b0 / b1``), CKA(GN, other),
+    CKA(GN, its init), CKA(other, its init)."""
+    head = [
+        "seed",
+        "GN run",
+        "GN matched",
+        "other run",
+        "other matched",
+        "probe",
+        "CKA(GN, other)",
+        "CKA(GN, init)",
+        "CKA(other, init)",
+    ]
     rows = []
     for run_a, run_b in pair_runs(runs):
         res = cross_cka_at_loss(run_a, run_b, target, probe_size=probe_size, data_root=data_root)
         cfg_a, cfg_b = read_toml(run_a / "config.toml"), read_toml(run_b / "config.toml")
-        blocks = [" / ".join(_num(v) for v in res[key].values()) or "-" for key in ("cross", "a_init", "b_init")]
-        rows.append([str(cfg_a.get("seed", "-")), f"{_run_label(run_a, cfg_a)} ({contender(cfg_a)})",
-                     res["a"].describe(), f"{_run_label(run_b, cfg_b)} ({contender(cfg_b)})", res["b"].describe(),
-                     str(res["probe_size"]), *blocks])
+        blocks = [
+            " / ".join(_num(v) for v in res[key].values()) or "-" for key in ("cross", "a_init", "b_init")
+        ]
+        rows.append(
+            [
+                str(cfg_a.get("seed", "-")),
+                f"{_run_label(run_a, cfg_a)} ({contender(cfg_a)})",
+                res["a"].describe(),
+                f"{_run_label(run_b, cfg_b)} ({contender(cfg_b)})",
+                res["b"].describe(),
+                str(res["probe_size"]),
+                *blocks,
+            ]
+        )
     return head, rows
 
 

@@ -719,13 +719,15 @@ def _html(runs: Sequence[Run], panels: Sequence[Panel], figures: Sequence[_Figur
 
 # ---------------------------------------------------------------------------- entry point
 def _matched_section(runs: Sequence[Run], target: float) -> str:
-    """The "diagnostics at matched training loss" section (exactgn.evidence): runs without diagnostics are named."""
+    """The "diagnostics at matched training loss" section (exactgn.evidence); runs without diagnostics are
+    named below it."""
     from .evidence import matched_loss_table
 
     with_diag = [r for r in runs if r.diagnostics]
     parts = [f"<h2>Diagnostics at matched training loss (first record with train loss &le; {target:g})</h2>",
-             "<p>Each run is read at the first diagnostics record whose full-training-set loss is at or below the "
-             "target (no interpolation; the record's actual loss is shown). Runs that never get there are listed "
+             "<p>Each run is read at the first diagnostics record whose full-training-set loss is at or below "
+             "the target (no interpolation; the record's actual loss is shown). Runs that never get there are "
+             "listed "
              "as not reached, with the lowest loss they recorded.</p>"]
     if with_diag:
         head, rows = matched_loss_table([r.path for r in with_diag], target)
@@ -756,8 +758,8 @@ def make_report(
     series of a dataset, on its first ``probe_size`` training images (needs the data; root ``data_root``, else the
     runs' ``data.root``, else ``$EXACTGN_DATA``).
 
-    ``matched_loss``: with several runs, add the table "diagnostics at matched training loss" (each run's first
-    diagnostics record at or below that training loss, :mod:`exactgn.evidence`).
+    ``matched_loss``: with several runs, add the table "diagnostics at matched training loss" (each run's
+    first diagnostics record at or below that training loss, :mod:`exactgn.evidence`).
     """
     if band not in ("minmax", "std"):
         raise ValueError(f"band must be 'minmax' or 'std', got {band!r}")
@@ -805,7 +807,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "else $EXACTGN_DATA)")
     p.add_argument("--matched-loss", type=float, metavar="LOSS",
                    help="with several runs: add a table of each run's diagnostics at the first record whose "
-                   "training loss is at or below LOSS (comparisons at matched training loss, not matched steps)")
+                   "training loss is at or below LOSS (comparisons at matched training loss, not matched "
+                   "steps)")
     p.set_defaults(func=_main)
 
 

@@ -5,17 +5,17 @@
 
 What is copied, keeping the folder structure below SOURCE (docs/results.md):
 
-* in every folder: ``config.toml``, ``meta.json``, ``epochs.csv``, ``epochs.jsonl``, ``diagnostics.jsonl``, and the
-  listings of studies, sweeps and comparisons (``study.json``, ``sweep.json``, ``results.csv``, ``results.md``,
-  ``comparison.csv``, ``comparison.md``);
+* in every folder: ``config.toml``, ``meta.json``, ``epochs.csv``, ``epochs.jsonl``, ``diagnostics.jsonl``,
+  and the listings of studies, sweeps and comparisons (``study.json``, ``sweep.json``, ``results.csv``,
+  ``results.md``, ``comparison.csv``, ``comparison.md``);
 * ``steps.csv`` as it is when it is at most ``--max-bytes``, else gzipped to ``steps.csv.gz``;
 * at the top of SOURCE, any other ``*.csv``, ``*.md``, ``*.json`` (e.g. a table written by
   ``study_tables.py cross-cka --csv``).
 
-Never copied: checkpoints (``*.pt``, ``checkpoints/``), TensorBoard and Ray folders, ``steps.jsonl`` (the same rows
-as ``steps.csv``). A file larger than ``--max-bytes`` (default 1 MB) stops the whole collection before anything is
-copied, unless ``--force``. ``results/<name>/COLLECTED.json`` records the source, the time and every file's size and
-SHA-256.
+Never copied: checkpoints (``*.pt``, ``checkpoints/``), TensorBoard and Ray folders, ``steps.jsonl`` (the same
+rows as ``steps.csv``). A file larger than ``--max-bytes`` (default 1 MB) stops the whole collection before
+anything is copied, unless ``--force``. ``results/<name>/COLLECTED.json`` records the source, the time and
+every file's size and SHA-256.
 """
 
 from __future__ import annotations
@@ -30,8 +30,17 @@ import sys
 from pathlib import Path
 
 SMALL_FILES = {
-    "config.toml", "meta.json", "epochs.csv", "epochs.jsonl", "diagnostics.jsonl", "study.json", "sweep.json",
-    "results.csv", "results.md", "comparison.csv", "comparison.md",
+    "config.toml",
+    "meta.json",
+    "epochs.csv",
+    "epochs.jsonl",
+    "diagnostics.jsonl",
+    "study.json",
+    "sweep.json",
+    "results.csv",
+    "results.md",
+    "comparison.csv",
+    "comparison.md",
 }
 TOP_SUFFIXES = (".csv", ".md", ".json")
 SKIP_DIRS = {"checkpoints", "tensorboard", "ray", "__pycache__"}
@@ -65,9 +74,17 @@ def _gzip_bytes(path: Path) -> bytes:
     return gzip.compress(path.read_bytes(), compresslevel=9, mtime=0)
 
 
-def collect(source: str | Path, name: str, *, results: str | Path = "results", max_bytes: int = DEFAULT_MAX_BYTES,
-            force: bool = False, replace: bool = False) -> Path:
-    """Copy the small files of ``source`` into ``results/name``; returns that folder (see the module docstring)."""
+def collect(
+    source: str | Path,
+    name: str,
+    *,
+    results: str | Path = "results",
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    force: bool = False,
+    replace: bool = False,
+) -> Path:
+    """Copy the small files of ``source`` into ``results/name``; returns that folder (see the module
+    docstring)."""
     source, dest = Path(source), Path(results) / name
     if not source.is_dir():
         raise CollectError(f"{source} is not a folder; give a run folder or a study/sweep/compare folder")
@@ -79,14 +96,21 @@ def collect(source: str | Path, name: str, *, results: str | Path = "results", m
     payloads = [(rel, _gzip_bytes(p) if gz else p.read_bytes(), p) for p, rel, gz in files]
     large = [f"{p} ({len(data)} bytes)" for rel, data, p in payloads if len(data) > max_bytes]
     if large and not force:
-        raise CollectError(f"{len(large)} file(s) exceed {max_bytes} bytes: {', '.join(large)}; results/ holds small "
-                           "files only. Leave them out of the run, raise --max-bytes, or pass --force")
+        raise CollectError(
+            f"{len(large)} file(s) exceed {max_bytes} bytes: {', '.join(large)}; results/ holds small "
+            "files only. Leave them out of the run, raise --max-bytes, or pass --force"
+        )
     if dest.exists():
         if not replace:
-            raise CollectError(f"{dest} exists; pass --replace to collect it afresh (its files are removed first)")
+            raise CollectError(
+                f"{dest} exists; pass --replace to collect it afresh (its files are removed first)"
+            )
         shutil.rmtree(dest)
-    manifest = {"source": str(source.resolve()), "collected": dt.datetime.now(dt.timezone.utc).isoformat(
-        timespec="seconds"), "files": {}}
+    manifest = {
+        "source": str(source.resolve()),
+        "collected": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "files": {},
+    }
     for rel, data, _ in payloads:
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -97,18 +121,32 @@ def collect(source: str | Path, name: str, *, results: str | Path = "results", m
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("source", type=Path, help="a run folder, or a study / sweep / compare output folder")
     parser.add_argument("name", help="the folder to write under results/")
-    parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parents[1] / "results",
-                        help="the results folder (default: the repository's results/)")
-    parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest file copied (default 1 MB)")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / "results",
+        help="the results folder (default: the repository's results/)",
+    )
+    parser.add_argument(
+        "--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest file copied (default 1 MB)"
+    )
     parser.add_argument("--force", action="store_true", help="copy files larger than --max-bytes too")
     parser.add_argument("--replace", action="store_true", help="replace an existing results/NAME")
     args = parser.parse_args(argv)
     try:
-        dest = collect(args.source, args.name, results=args.results, max_bytes=args.max_bytes, force=args.force,
-                       replace=args.replace)
+        dest = collect(
+            args.source,
+            args.name,
+            results=args.results,
+            max_bytes=args.max_bytes,
+            force=args.force,
+            replace=args.replace,
+        )
     except CollectError as exc:
         print(f"collect_results: {exc}", file=sys.stderr)
         return 1

@@ -4,8 +4,8 @@
     python scripts/results_tables.py --check     # exit 1 (and show the difference) when RESULTS.md is stale
     python scripts/results_tables.py --print ID  # print one table
 
-A table sits in the markdown file between ``<!-- table: ID -->`` and ``<!-- /table -->``; everything outside the
-markers is prose and is never touched. What each ID shows is registered in ``results/tables.toml``::
+A table sits in the markdown file between ``<!-- table: ID -->`` and ``<!-- /table -->``; everything outside
+the markers is prose and is never touched. What each ID shows is registered in ``results/tables.toml``::
 
     [[table]]
     id = "tuning-minibatch"
@@ -16,10 +16,10 @@ markers is prose and is never touched. What each ID shows is registered in ``res
     where = { "data.val_size" = 5000 }   # optional: only runs whose config has these values
 
 Kinds: ``groups`` (mean ± sd over the runs of each group, with n: seeds), ``runs`` (one row per run),
-``matched`` (diagnostics at matched training loss ``loss = 0.3``, exactgn.evidence), ``csv`` (a committed CSV file
-``file = "NAME/table.csv"`` as it is). Columns: ``final:KEY`` / ``best:KEY`` (epochs.csv: last row; best = highest
-accuracy or lowest loss over epochs >= 1), ``diag:KEY`` (last diagnostics record), ``meta:KEY`` (meta.json),
-``config:KEY`` (the run's config). Accuracies are shown in percent.
+``matched`` (diagnostics at matched training loss ``loss = 0.3``, exactgn.evidence), ``csv`` (a committed CSV
+file ``file = "NAME/table.csv"`` as it is). Columns: ``final:KEY`` / ``best:KEY`` (epochs.csv: last row; best
+= highest accuracy or lowest loss over epochs >= 1), ``diag:KEY`` (last diagnostics record), ``meta:KEY``
+(meta.json), ``config:KEY`` (the run's config). Accuracies are shown in percent.
 """
 
 from __future__ import annotations
@@ -57,7 +57,9 @@ def find_runs(results: Path, folders: Sequence[str]) -> list[Path]:
     for folder in folders:
         base = results / folder
         if not base.is_dir():
-            raise TableError(f"{base} does not exist; collect it first (scripts/collect_results.py SOURCE {folder})")
+            raise TableError(
+                f"{base} does not exist; collect it first (scripts/collect_results.py SOURCE {folder})"
+            )
         runs += sorted(p.parent for p in base.rglob("meta.json"))
     return runs
 
@@ -89,15 +91,22 @@ def value(run: Path, column: str) -> Any:
 def _check_table(spec: dict[str, Any]) -> None:
     tid = spec.get("id")
     if not isinstance(tid, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", tid):
-        raise TableError(f"results/tables.toml: every [[table]] needs an id of letters, digits, '.', '_', '-'; "
-                         f"got {tid!r}")
+        raise TableError(
+            f"results/tables.toml: every [[table]] needs an id of letters, digits, '.', '_', '-'; got {tid!r}"
+        )
     if spec.get("kind") not in KINDS:
         raise TableError(f"table {tid}: kind must be one of {', '.join(KINDS)}, got {spec.get('kind')!r}")
     for column in spec.get("columns", []):
         if column.partition(":")[0] not in SOURCES or not column.partition(":")[2]:
-            raise TableError(f"table {tid}: column {column!r} must be SOURCE:KEY with SOURCE one of {SOURCES}")
-    need = {"groups": ("folders", "group", "columns"), "runs": ("folders", "columns"), "matched": ("folders", "loss"),
-            "csv": ("file",)}[spec["kind"]]
+            raise TableError(
+                f"table {tid}: column {column!r} must be SOURCE:KEY with SOURCE one of {SOURCES}"
+            )
+    need = {
+        "groups": ("folders", "group", "columns"),
+        "runs": ("folders", "columns"),
+        "matched": ("folders", "loss"),
+        "csv": ("file",),
+    }[spec["kind"]]
     missing = [k for k in need if k not in spec]
     if missing:
         raise TableError(f"table {tid} ({spec['kind']}): missing {', '.join(missing)}")
@@ -121,7 +130,11 @@ def fmt(v: Any, column: str = "") -> str:
 
 def mean_sd(values: Sequence[Any], column: str) -> str:
     """``mean ± sd (n=k)`` over the numbers (sample sd); ``x (n=1)``; ``-`` when there are none."""
-    nums = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    nums = [
+        float(v)
+        for v in values
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ]
     if not nums:
         return "-"
     if len(nums) == 1:
@@ -138,7 +151,9 @@ def _markdown(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _selected(runs: list[Path], where: dict[str, Any]) -> list[Path]:
-    return [r for r in runs if all(_config_value(read_toml(r / "config.toml"), k) == v for k, v in where.items())]
+    return [
+        r for r in runs if all(_config_value(read_toml(r / "config.toml"), k) == v for k, v in where.items())
+    ]
 
 
 def _statuses(runs: Sequence[Path]) -> str:
@@ -167,8 +182,15 @@ def runs_table(results: Path, spec: dict[str, Any]) -> str:
     rows = []
     for run in runs:
         config = read_toml(run / "config.toml")
-        rows.append([run.relative_to(results).as_posix(), evidence.contender(config), fmt(config.get("seed")),
-                     str(read_meta(run).get("status")), *(fmt(value(run, c), c) for c in spec["columns"])])
+        rows.append(
+            [
+                run.relative_to(results).as_posix(),
+                evidence.contender(config),
+                fmt(config.get("seed")),
+                str(read_meta(run).get("status")),
+                *(fmt(value(run, c), c) for c in spec["columns"]),
+            ]
+        )
     return _markdown(head, rows)
 
 
@@ -196,7 +218,9 @@ def csv_table(results: Path, spec: dict[str, Any]) -> str:
 def render(results: Path, spec: dict[str, Any]) -> str:
     """The generated block of one table: the table and a line naming its sources."""
     _check_table(spec)
-    make = {"groups": groups_table, "runs": runs_table, "matched": matched_table, "csv": csv_table}[spec["kind"]]
+    make = {"groups": groups_table, "runs": runs_table, "matched": matched_table, "csv": csv_table}[
+        spec["kind"]
+    ]
     table = make(results, spec)
     sources = ", ".join(f"results/{f}" for f in spec.get("folders", [])) or f"results/{spec.get('file')}"
     return f"{table}\n<sub>Generated by scripts/results_tables.py ({spec['id']}) from {sources}.</sub>\n"
@@ -227,20 +251,30 @@ def regenerate(text: str, registry: dict[str, dict[str, Any]], results: Path) ->
         raise TableError(f"table(s) {', '.join(dupes)} are marked more than once")
     unplaced = sorted(set(registry) - set(seen))
     if unplaced:
-        raise TableError(f"registered table(s) {', '.join(unplaced)} have no place in the file; add "
-                         f"'<!-- table: ID -->' and '<!-- /table -->' lines where each belongs")
+        raise TableError(
+            f"registered table(s) {', '.join(unplaced)} have no place in the file; add "
+            f"'<!-- table: ID -->' and '<!-- /table -->' lines where each belongs"
+        )
     if text.count("<!-- table: ") != len(seen):
-        raise TableError("a '<!-- table: ID -->' marker has no matching '<!-- /table -->' (or a malformed id)")
+        raise TableError(
+            "a '<!-- table: ID -->' marker has no matching '<!-- /table -->' (or a malformed id)"
+        )
     return _MARK.sub(lambda m: m.group(1) + render(results, registry[m.group("id")]) + m.group(4), text)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--write", action="store_true", help="rewrite the marked tables of the file")
-    mode.add_argument("--check", action="store_true", help="exit 1 when the file differs from what --write writes")
+    mode.add_argument(
+        "--check", action="store_true", help="exit 1 when the file differs from what --write writes"
+    )
     mode.add_argument("--print", metavar="ID", help="print one registered table")
-    parser.add_argument("--file", type=Path, default=ROOT / "RESULTS.md", help="the marked file (default RESULTS.md)")
+    parser.add_argument(
+        "--file", type=Path, default=ROOT / "RESULTS.md", help="the marked file (default RESULTS.md)"
+    )
     parser.add_argument("--results", type=Path, default=ROOT / "results", help="the results folder")
     parser.add_argument("--registry", type=Path, default=None, help="default: RESULTS/tables.toml")
     args = parser.parse_args(argv)
@@ -249,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         registry = load_registry(registry_path)
         if args.print:
             if args.print not in registry:
-                raise TableError(f"no table {args.print!r} in {registry_path} (registered: {', '.join(registry)})")
+                raise TableError(
+                    f"no table {args.print!r} in {registry_path} (registered: {', '.join(registry)})"
+                )
             print(render(args.results, registry[args.print]), end="")
             return 0
         text = args.file.read_text(encoding="utf-8")
@@ -265,8 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     if new != text:
         diff = difflib.unified_diff(text.splitlines(True), new.splitlines(True), str(args.file), "generated")
         sys.stdout.writelines(diff)
-        print(f"\n{args.file} differs from the tables generated from {args.results}; run "
-              "python scripts/results_tables.py --write", file=sys.stderr)
+        print(
+            f"\n{args.file} differs from the tables generated from {args.results}; run "
+            "python scripts/results_tables.py --write",
+            file=sys.stderr,
+        )
         return 1
     print(f"{args.file}: {len(registry)} table(s) match {args.results}")
     return 0

@@ -4,11 +4,11 @@
     python scripts/study_tables.py seeds SWEEP_DIR...              # per (inverse) setting: mean ± std over seeds
     python scripts/study_tables.py summary STUDY_DIR...            # one row per run of a study (results.csv + diagnostics)
     python scripts/study_tables.py matched --matched-loss 0.3 DIR...    # diagnostics at matched training loss
-    python scripts/study_tables.py cross-cka --matched-loss 0.3 DIR...  # CKA GN vs Adam/SGD (same seed) at that loss
+    python scripts/study_tables.py cross-cka --matched-loss 0.3 DIR...  # CKA GN vs Adam/SGD (same seed)
 
-``matched`` and ``cross-cka`` take run folders or folders of run folders and follow the rule of exactgn.evidence:
-each run at its first record (or kept checkpoint, for cross-cka) whose training loss is at or below the target;
-runs that never get there are rows saying so. ``--csv FILE`` also writes the table as CSV (e.g. for results/).
+``matched`` and ``cross-cka`` take run folders or folders of run folders and follow the rule of
+exactgn.evidence: each run at its first record (or kept checkpoint, for cross-cka) whose training loss is at or
+below the target; runs that never get there are rows saying so. ``--csv FILE`` also writes the table as CSV (e.g. for results/).
 
 Reads only the run-folder files of docs/run-folder.md (config.toml, meta.json, epochs.csv, steps.csv,
 diagnostics.jsonl).
@@ -215,7 +215,8 @@ def main() -> None:
                         help="matched, cross-cka: the target training loss (first record at or below it)")
     parser.add_argument("--probe-size", type=int, default=None,
                         help="cross-cka: probe images (default: the GN run's diagnostics.probe_size)")
-    parser.add_argument("--csv", type=Path, default=None, help="matched, cross-cka: also write the table here")
+    parser.add_argument("--csv", type=Path, default=None,
+                        help="matched, cross-cka: also write the table here")
     args = parser.parse_args()
     if args.kind in ("matched", "cross-cka"):
         if args.matched_loss is None:

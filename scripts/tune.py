@@ -6,12 +6,13 @@
 
 Reads every run folder below TUNING_DIR (config.toml, meta.json, epochs.csv: a run folder or a results/ copy).
 Contenders are exactgn.evidence.contender labels (jflat-trunc, jflat, jplus, adam, sgd). Selection: per
-contender, the rate whose run has the highest ``val_accuracy`` at its final epoch (``--criterion best``: at its best
-epoch >= 1); runs that did not finish (diverged, failed) are out; a tie goes to the smaller rate. A run without
-validation accuracy is an error (tune on a validation split: ``data.val_size``).
+contender, the rate whose run has the highest ``val_accuracy`` at its final epoch (``--criterion best``: at
+its best epoch >= 1); runs that did not finish (diverged, failed) are out; a tie goes to the smaller rate. A
+run without validation accuracy is an error (tune on a validation split: ``data.val_size``).
 
-``--template`` (a list-of-runs study file): a copy is written to ``--out`` in which every run's ``optim.lr`` is the
-rate chosen for its contender; nothing else changes. A contender of the template that was not tuned is an error.
+``--template`` (a list-of-runs study file): a copy is written to ``--out`` in which every run's ``optim.lr``
+is the rate chosen for its contender; nothing else changes. A contender of the template that was not tuned is
+an error.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ def score(run: Path, criterion: str) -> float | None:
         return None
     rows = [r for r in read_rows(run / "epochs.csv") if isinstance(r.get("val_accuracy"), (int, float))]
     if not rows:
-        raise TuneError(f"{run}: no val_accuracy in epochs.csv; tuning needs a validation split (data.val_size > 0)")
+        raise TuneError(
+            f"{run}: no val_accuracy in epochs.csv; tuning needs a validation split (data.val_size > 0)"
+        )
     if criterion == "final":
         return float(rows[-1]["val_accuracy"])
     return max(float(r["val_accuracy"]) for r in rows if r["epoch"] >= 1)
@@ -54,9 +57,16 @@ def trials(folder: Path, criterion: str) -> list[dict[str, Any]]:
     out = []
     for run in runs:
         cfg = read_toml(run / "config.toml")
-        out.append({"run": run.relative_to(folder).as_posix(), "contender": evidence.contender(cfg),
-                    "lr": float(cfg["optim"]["lr"]), "seed": cfg.get("seed"),
-                    "status": read_meta(run).get("status"), "score": score(run, criterion)})
+        out.append(
+            {
+                "run": run.relative_to(folder).as_posix(),
+                "contender": evidence.contender(cfg),
+                "lr": float(cfg["optim"]["lr"]),
+                "seed": cfg.get("seed"),
+                "status": read_meta(run).get("status"),
+                "score": score(run, criterion),
+            }
+        )
     return out
 
 
@@ -73,9 +83,17 @@ def choose(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def table(entries: list[dict[str, Any]], chosen: dict[str, dict[str, Any]], criterion: str) -> str:
     head = ["contender", "lr", "seed", "status", f"{criterion} val acc %", "chosen"]
-    rows = [[e["contender"], f"{e['lr']:g}", str(e["seed"]), str(e["status"]),
-             "-" if e["score"] is None else f"{100 * e['score']:.2f}", "yes" if chosen[e["contender"]]["run"] == e["run"] else ""]
-            for e in sorted(entries, key=lambda e: (e["contender"], e["lr"]))]
+    rows = [
+        [
+            e["contender"],
+            f"{e['lr']:g}",
+            str(e["seed"]),
+            str(e["status"]),
+            "-" if e["score"] is None else f"{100 * e['score']:.2f}",
+            "yes" if chosen[e["contender"]]["run"] == e["run"] else "",
+        ]
+        for e in sorted(entries, key=lambda e: (e["contender"], e["lr"]))
+    ]
     return evidence.markdown(head, rows)
 
 
@@ -91,8 +109,10 @@ def fill(template: Path, rates: dict[str, float], header: str) -> str:
             continue
         raw.setdefault("set", {})["optim.lr"] = rates[name]
     if missing:
-        raise TuneError(f"{template}: contender(s) {', '.join(sorted(missing))} were not tuned "
-                        f"(tuned: {', '.join(sorted(rates))})")
+        raise TuneError(
+            f"{template}: contender(s) {', '.join(sorted(missing))} were not tuned "
+            f"(tuned: {', '.join(sorted(rates))})"
+        )
     return header + _study_toml(data)
 
 
@@ -117,10 +137,16 @@ def _study_toml(data: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("tuning", type=Path, help="the tuning study's output folder (or its results/ copy)")
-    parser.add_argument("--criterion", choices=("final", "best"), default="final",
-                        help="validation accuracy at the final epoch (default) or at the best epoch")
+    parser.add_argument(
+        "--criterion",
+        choices=("final", "best"),
+        default="final",
+        help="validation accuracy at the final epoch (default) or at the best epoch",
+    )
     parser.add_argument("--template", type=Path, help="a study file whose runs get the chosen rates")
     parser.add_argument("--out", type=Path, help="where to write the filled template (needs --template)")
     args = parser.parse_args(argv)
@@ -133,9 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         rates = {name: e["lr"] for name, e in chosen.items()}
         print("chosen: " + ", ".join(f"{n} {lr:g}" for n, lr in rates.items()))
         if args.template is not None:
-            lines = [f"Generated by scripts/tune.py from {args.template} with the learning rates chosen on "
-                     f"{args.tuning} ({args.criterion} validation accuracy):"]
-            lines += [f"  {n}: lr {e['lr']:g} ({100 * e['score']:.2f}% on {e['run']})" for n, e in chosen.items()]
+            lines = [
+                f"Generated by scripts/tune.py from {args.template} with the learning rates chosen on "
+                f"{args.tuning} ({args.criterion} validation accuracy):"
+            ]
+            lines += [
+                f"  {n}: lr {e['lr']:g} ({100 * e['score']:.2f}% on {e['run']})" for n, e in chosen.items()
+            ]
             header = "".join(f"# {line}\n" for line in lines)
             args.out.write_text(fill(args.template, rates, header), encoding="utf-8")
             print(f"wrote {args.out}")

@@ -403,7 +403,8 @@ def test_validation_split_of_the_whole_training_file_gives_training_the_rest():
 
 def test_a_validation_set_that_does_not_fit_is_refused_with_the_keys_to_change():
     labels = np.arange(100) % 10
-    with pytest.raises(D.DataError, match=r"data.val_size = 31 is too large: data.train_size = 70 leaves 30 .*"
+    with pytest.raises(D.DataError, match=r"data.val_size = 31 is too large: "
+                                          r"data.train_size = 70 leaves 30 .*"
                                           r"use data.val_size <= 30"):
         D.split_indices(labels, 70, val_size=31)
     with pytest.raises(D.DataError, match=r"data.val_size = 100 is too large: .*use data.val_size <= 99"):
@@ -420,7 +421,8 @@ def test_load_dataset_validation_images_come_from_the_training_file_only():
     split = D.load_dataset("mnist-small", train_size=256, test_size=100, val_size=300, val_seed=4)
     plain = D.load_dataset("mnist-small", train_size=256, test_size=100)
     assert split.val is not None and plain.val is None and len(split.val) == 300
-    assert torch.equal(split.train.images, plain.train.images) and torch.equal(split.test.images, plain.test.images)
+    assert torch.equal(split.train.images, plain.train.images)
+    assert torch.equal(split.test.images, plain.test.images)
     np.testing.assert_array_equal(split.train.index.numpy(), np.arange(256))
     idx = split.val.index.numpy()
     assert idx.min() >= 256 and not set(idx.tolist()) & set(split.train.index.tolist())

@@ -14,13 +14,22 @@ from exactgn.diagnostics import block_outputs, linear_cka, load_checkpoint_model
 from exactgn.runlog import read_rows
 
 
-def hand_run(folder: Path, losses: dict[int, float], records: dict[int, dict], *, opt: str = "gn", seed: int = 0,
-             inverse: str = "right", rtol: float = 0.0) -> Path:
+def hand_run(
+    folder: Path,
+    losses: dict[int, float],
+    records: dict[int, dict],
+    *,
+    opt: str = "gn",
+    seed: int = 0,
+    inverse: str = "right",
+    rtol: float = 0.0,
+) -> Path:
     """A run folder written by hand: config.toml, epochs.csv (train_loss per epoch), diagnostics.jsonl."""
     folder.mkdir(parents=True)
     (folder / "config.toml").write_text(
         f'seed = {seed}\n[data]\ndataset = "mnist-small"\ntrain_size = 64\n[optim]\nname = "{opt}"\n'
-        f'[optim.gn]\ninverse = "{inverse}"\nrtol = {rtol}\natol = 0.0\n[diagnostics]\nprobe_size = 8\n')
+        f'[optim.gn]\ninverse = "{inverse}"\nrtol = {rtol}\natol = 0.0\n[diagnostics]\nprobe_size = 8\n'
+    )
     lines = ["epoch,train_loss,test_loss"] + [f"{e},{v!r},1.0" for e, v in losses.items()]
     (folder / "epochs.csv").write_text("\n".join(lines) + "\n")
     with open(folder / "diagnostics.jsonl", "w") as fh:
@@ -30,8 +39,14 @@ def hand_run(folder: Path, losses: dict[int, float], records: dict[int, dict], *
 
 
 def rec(align: float) -> dict:
-    return {"ntk_alignment": align, "weight_rel_change/all": 1 - align, "cka/block0": align, "cka/block1": align / 2,
-            "cka_delta/block0": 0.5, "cka_delta/block1": 0.25}
+    return {
+        "ntk_alignment": align,
+        "weight_rel_change/all": 1 - align,
+        "cka/block0": align,
+        "cka/block1": align / 2,
+        "cka_delta/block0": 0.5,
+        "cka_delta/block1": 0.25,
+    }
 
 
 def test_first_record_at_or_below_the_target_is_picked_and_its_actual_loss_reported(tmp_path):
@@ -54,13 +69,31 @@ def test_first_record_at_or_below_the_target_is_picked_and_its_actual_loss_repor
 
 
 def test_matched_loss_table_keeps_runs_that_never_reach_the_loss(tmp_path):
-    gn = hand_run(tmp_path / "study" / "gn", {0: 2.3, 5: 0.2, 10: 0.01}, {0: rec(1.0), 5: rec(0.6), 10: rec(0.3)},
-                  rtol=1e-2)
-    adam = hand_run(tmp_path / "study" / "adam", {0: 2.3, 5: 0.9, 10: 0.5}, {0: rec(1.0), 5: rec(0.99), 10: rec(0.98)},
-                    opt="adam", seed=1)
+    gn = hand_run(
+        tmp_path / "study" / "gn",
+        {0: 2.3, 5: 0.2, 10: 0.01},
+        {0: rec(1.0), 5: rec(0.6), 10: rec(0.3)},
+        rtol=1e-2,
+    )
+    adam = hand_run(
+        tmp_path / "study" / "adam",
+        {0: 2.3, 5: 0.9, 10: 0.5},
+        {0: rec(1.0), 5: rec(0.99), 10: rec(0.98)},
+        opt="adam",
+        seed=1,
+    )
     head, rows = E.matched_loss_table([gn, adam], 0.3)
     assert head[3] == "matched at loss <= 0.3" and len(rows) == 2
-    assert rows[0] == ["study/gn", "jflat-trunc", "0", "epoch 5 (loss 0.2)", "0.6", "0.4", "0.6 / 0.3", "0.5 / 0.25"]
+    assert rows[0] == [
+        "study/gn",
+        "jflat-trunc",
+        "0",
+        "epoch 5 (loss 0.2)",
+        "0.6",
+        "0.4",
+        "0.6 / 0.3",
+        "0.5 / 0.25",
+    ]
     assert rows[1] == ["study/adam", "adam", "1", "not reached (lowest 0.5 at epoch 10)", "-", "-", "-", "-"]
     text = E.markdown(head, rows)
     assert text.splitlines()[1] == "|---|---|---|---|---|---|---|---|" and "not reached" in text
@@ -72,10 +105,16 @@ def test_matched_loss_table_keeps_runs_that_never_reach_the_loss(tmp_path):
 def test_contender_labels():
     gn = {"optim": {"name": "gn", "gn": {"inverse": "right", "rtol": 1e-2, "atol": 1e-5}}}
     assert E.contender(gn) == "jflat-trunc"
-    assert E.contender({"optim": {"name": "gn", "gn": {"inverse": "right", "rtol": 0.0, "atol": 0.0}}}) == "jflat"
+    assert (
+        E.contender({"optim": {"name": "gn", "gn": {"inverse": "right", "rtol": 0.0, "atol": 0.0}}})
+        == "jflat"
+    )
     assert E.contender({"optim": {"name": "gn", "gn": {"inverse": "pinv"}}}) == "jplus"
     assert E.contender({"optim": {"name": "gn", "gn": {"inverse": "pinv", "atol": 1e-5}}}) == "jplus-trunc"
-    assert E.contender({"optim": {"name": "adam"}}) == "adam" and E.contender({"optim": {"name": "sgd"}}) == "sgd"
+    assert (
+        E.contender({"optim": {"name": "adam"}}) == "adam"
+        and E.contender({"optim": {"name": "sgd"}}) == "sgd"
+    )
 
 
 def _cka_by_hand(path_a: Path, path_b: Path, probe: torch.Tensor) -> list[float]:
@@ -114,7 +153,8 @@ def test_cross_cka_at_matched_loss_on_real_runs(tiny_runs):
     head, rows = E.cross_cka_table([gn, tiny_runs / "gn-full-s1", adam, mini], target)
     assert [(r[1].split(" ")[0], r[3].split(" ")[0]) for r in rows] == [
         (f"{tiny_runs.name}/gn-full-s0", f"{tiny_runs.name}/adam-full-s0"),
-        (f"{tiny_runs.name}/gn-full-s0", f"{tiny_runs.name}/adam-mini-s0")]
+        (f"{tiny_runs.name}/gn-full-s0", f"{tiny_runs.name}/adam-mini-s0"),
+    ]
     assert rows[0][2] == f"epoch 2 (loss {gl[2]:.4g})" and rows[0][5] == "8"
     assert len(rows[0][6].split(" / ")) == 2
 
@@ -143,8 +183,13 @@ def test_study_tables_matched_and_cross_cka_commands(tiny_runs, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(root)}
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(root / "scripts" / "study_tables.py"), *args], env=env,
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, str(root / "scripts" / "study_tables.py"), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     out = run("matched", str(tiny_runs), "--matched-loss", repr(target))
     assert out.returncode == 0, out.stderr

@@ -173,5 +173,6 @@ def test_report_has_the_matched_loss_table(tiny_runs, tmp_path):
     assert "gn-full-s0</td><td>jflat</td><td>0</td><td>epoch 2 (loss" in section
     assert "gn-full-s1</td><td>jflat</td><td>1</td><td>not reached (lowest" in section
     single = tmp_path / "one"
-    assert cli_main(["report", str(tiny_runs / "gn-full-s0"), "--out", str(single), "--matched-loss", "1"]) == 0
+    one = ["report", str(tiny_runs / "gn-full-s0"), "--out", str(single), "--matched-loss", "1"]
+    assert cli_main(one) == 0
     assert "matched training loss" not in (single / "index.html").read_text()

@@ -1,4 +1,5 @@
-"""results/ and the generated tables of RESULTS.md: collect_results.py, results_tables.py (docs/results.md)."""
+"""results/ and the generated tables of RESULTS.md: collect_results.py, results_tables.py
+(docs/results.md)."""
 
 from __future__ import annotations
 
@@ -32,21 +33,44 @@ def test_the_repository_results_md_matches_its_registry(capsys):
     assert (ROOT / "results" / "tables.toml").is_file()
 
 
-def fake_run(folder: Path, *, opt: str, seed: int, lr: float, final_acc: float, status: str = "finished",
-             losses: tuple[float, ...] = (2.3, 1.0, 0.5), val: bool = True) -> Path:
+def fake_run(
+    folder: Path,
+    *,
+    opt: str,
+    seed: int,
+    lr: float,
+    final_acc: float,
+    status: str = "finished",
+    losses: tuple[float, ...] = (2.3, 1.0, 0.5),
+    val: bool = True,
+) -> Path:
     folder.mkdir(parents=True)
     (folder / "config.toml").write_text(
         f'name = "r"\nseed = {seed}\n[data]\ndataset = "mnist"\ntrain_size = 256\nval_size = 64\n'
-        f'[optim]\nname = "{opt}"\nlr = {lr!r}\n[optim.gn]\ninverse = "right"\nrtol = 0.0\natol = 0.0\n')
+        f'[optim]\nname = "{opt}"\nlr = {lr!r}\n[optim.gn]\ninverse = "right"\nrtol = 0.0\natol = 0.0\n'
+    )
     (folder / "meta.json").write_text(json.dumps({"status": status, "wall_time_s": 12.5}))
     rows = ["epoch,train_loss,test_accuracy,val_accuracy"]
     accs = [0.1, final_acc + 0.01, final_acc]  # best test accuracy at epoch 1, final one lower
-    rows += [f"{e},{loss!r},{acc!r},{(acc - 0.02 if val else '')}" for e, (loss, acc) in enumerate(zip(losses, accs))]
+    rows += [
+        f"{e},{loss!r},{acc!r},{(acc - 0.02 if val else '')}"
+        for e, (loss, acc) in enumerate(zip(losses, accs))
+    ]
     (folder / "epochs.csv").write_text("\n".join(rows) + "\n")
     with open(folder / "diagnostics.jsonl", "w") as fh:
         for e, a in ((0, 1.0), (1, 0.9), (2, 0.8 - (seed % 42) / 100)):
-            fh.write(json.dumps({"epoch": e, "ntk_alignment": a, "weight_rel_change/all": 1 - a,
-                                 "cka/block0": a, "cka_delta/block0": a / 2}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "epoch": e,
+                        "ntk_alignment": a,
+                        "weight_rel_change/all": 1 - a,
+                        "cka/block0": a,
+                        "cka_delta/block0": a / 2,
+                    }
+                )
+                + "\n"
+            )
     (folder / "steps.csv").write_text("epoch,step,loss\n1,1,2.0\n")
     return folder
 
@@ -56,10 +80,17 @@ def results(tmp_path: Path) -> Path:
     res = tmp_path / "results"
     for i, seed in enumerate((42, 43, 44)):
         fake_run(res / "final" / f"gn-s{seed}", opt="gn", seed=seed, lr=1.0, final_acc=0.80 + i / 100)
-        fake_run(res / "final" / f"adam-s{seed}", opt="adam", seed=seed, lr=1e-3, final_acc=0.70,
-                 status="diverged" if seed == 44 else "finished", losses=(2.3, 1.5, 0.9))
+        fake_run(
+            res / "final" / f"adam-s{seed}",
+            opt="adam",
+            seed=seed,
+            lr=1e-3,
+            final_acc=0.70,
+            status="diverged" if seed == 44 else "finished",
+            losses=(2.3, 1.5, 0.9),
+        )
     (res / "final" / "cross.csv").write_text("seed,CKA\n42,0.5 / 0.25\n")
-    (res / "tables.toml").write_text('''
+    (res / "tables.toml").write_text("""
 [[table]]
 id = "final"
 kind = "groups"
@@ -85,7 +116,7 @@ where = { seed = 42 }
 id = "cross"
 kind = "csv"
 file = "final/cross.csv"
-''')
+""")
     return res
 
 
@@ -100,8 +131,10 @@ def test_groups_are_mean_and_sd_over_seeds_with_n(results):
     reg = RT.load_registry(results / "tables.toml")
     text = RT.render(results, reg["final"])
     lines = text.splitlines()
-    assert lines[0] == ("| contender | optim.lr | runs | final test_accuracy % | best test_accuracy % "
-                        "| final train_loss | diag ntk_alignment |")
+    assert lines[0] == (
+        "| contender | optim.lr | runs | final test_accuracy % | best test_accuracy % "
+        "| final train_loss | diag ntk_alignment |"
+    )
     gn = next(line for line in lines if line.startswith("| jflat |"))
     accs = [80.0, 81.0, 82.0]
     assert f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f} (n=3)" in gn  # 81.00 ± 1.00 (n=3)
@@ -123,10 +156,10 @@ def test_write_then_check_and_stale_or_unregistered_tables_fail(results, tmp_pat
     text = md.read_text()
     assert text.startswith("# Results\n\nProse stays.\n") and "After cross." in text and "stale" not in text
     assert RT.main(["--check", *args]) == 0
-    per_run = text[text.index("<!-- table: per-run -->"):text.index("After per-run.")]
+    per_run = text[text.index("<!-- table: per-run -->") : text.index("After per-run.")]
     assert per_run.count("| final/gn-s") == 3 and "adam" not in per_run.split("|---")[1]
     assert "| final/gn-s42 | jflat | 42 | finished | 78.00 | 12.5 |" in per_run
-    matched = text[text.index("<!-- table: matched -->"):text.index("After matched.")]
+    matched = text[text.index("<!-- table: matched -->") : text.index("After matched.")]
     assert "| final/gn-s42 | jflat | 42 | epoch 2 (loss 0.5) | 0.8 |" in matched
     assert "| final/adam-s42 | adam | 42 | not reached (lowest 0.9 at epoch 2) |" in matched
     assert "| 42 | 0.5 / 0.25 |" in text
@@ -146,7 +179,9 @@ def test_bad_registry_entries_are_named(results):
     with pytest.raises(RT.TableError, match=r"table y \(matched\): missing loss"):
         RT.render(results, {"id": "y", "kind": "matched", "folders": ["final"]})
     with pytest.raises(RT.TableError, match="collect it first"):
-        RT.render(results, {"id": "z", "kind": "runs", "folders": ["absent"], "columns": ["final:train_loss"]})
+        RT.render(
+            results, {"id": "z", "kind": "runs", "folders": ["absent"], "columns": ["final:train_loss"]}
+        )
 
 
 def test_collect_copies_only_small_files_and_never_checkpoints(tmp_path, capsys):
@@ -163,9 +198,20 @@ def test_collect_copies_only_small_files_and_never_checkpoints(tmp_path, capsys)
     res = tmp_path / "results"
     assert CR.main([str(src), "s", "--results", str(res), "--max-bytes", "1000"]) == 0
     files = sorted(p.relative_to(res / "s").as_posix() for p in (res / "s").rglob("*") if p.is_file())
-    assert files == ["COLLECTED.json", "cross.csv", "gn/config.toml", "gn/diagnostics.jsonl", "gn/epochs.csv",
-                     "gn/meta.json", "gn/steps.csv.gz", "results.csv"]
-    assert gzip.decompress((res / "s" / "gn" / "steps.csv.gz").read_bytes()) == (src / "gn" / "steps.csv").read_bytes()
+    assert files == [
+        "COLLECTED.json",
+        "cross.csv",
+        "gn/config.toml",
+        "gn/diagnostics.jsonl",
+        "gn/epochs.csv",
+        "gn/meta.json",
+        "gn/steps.csv.gz",
+        "results.csv",
+    ]
+    assert (
+        gzip.decompress((res / "s" / "gn" / "steps.csv.gz").read_bytes())
+        == (src / "gn" / "steps.csv").read_bytes()
+    )
     assert (res / "s" / "gn" / "epochs.csv").read_bytes() == (src / "gn" / "epochs.csv").read_bytes()
     manifest = json.loads((res / "s" / "COLLECTED.json").read_text())
     assert set(manifest["files"]) == set(files) - {"COLLECTED.json"}
@@ -185,5 +231,7 @@ def test_results_folder_is_not_ignored_by_git():
     probe = "results/some-study/gn/epochs.csv"
     out = subprocess.run(["git", "check-ignore", "-q", probe], cwd=ROOT, capture_output=True, check=False)
     assert out.returncode == 1  # 1: not ignored
-    out = subprocess.run(["git", "check-ignore", "-q", "runs/x/epochs.csv"], cwd=ROOT, capture_output=True, check=False)
+    out = subprocess.run(
+        ["git", "check-ignore", "-q", "runs/x/epochs.csv"], cwd=ROOT, capture_output=True, check=False
+    )
     assert out.returncode == 0  # runs/ stays ignored

@@ -265,7 +265,7 @@ APPENDIX = ("long-training", "switch-optimiser", "init-scale", "gn-lr", "weight-
             "no-bottleneck")
 
 
-# Issue 9's evidence studies exist only CPU-sized: tuning on the CPU twins and their follow-ups (they load below too).
+# Issue 9's evidence studies exist only CPU-sized: tuning on the CPU twins and its follow-ups (they load below).
 CPU_ONLY = ("tuning/minibatch-cpu", "tuning/fullbatch-cpu", "tuning/cifar10-fullbatch-cpu",
             "tuning/final-minibatch-cpu", "tuning/final-fullbatch-cpu", "tuning/final-cifar10-fullbatch-cpu",
             "long-minibatch-cpu")

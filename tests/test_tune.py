@@ -27,10 +27,14 @@ def tuning_run(folder: Path, name: str, lr: float, val: list[float | None], stat
     run.mkdir(parents=True)
     opt = "gn" if name in GN else name
     inverse, rtol = GN.get(name, ("right", 0.0))
-    (run / "config.toml").write_text(f'seed = 42\n[optim]\nname = "{opt}"\nlr = {lr!r}\n'
-                                     f'[optim.gn]\ninverse = "{inverse}"\nrtol = {rtol!r}\natol = 0.0\n')
+    (run / "config.toml").write_text(
+        f'seed = 42\n[optim]\nname = "{opt}"\nlr = {lr!r}\n'
+        f'[optim.gn]\ninverse = "{inverse}"\nrtol = {rtol!r}\natol = 0.0\n'
+    )
     (run / "meta.json").write_text(json.dumps({"status": status}))
-    rows = ["epoch,train_loss,val_accuracy"] + [f"{e},1.0,{'' if v is None else v}" for e, v in enumerate(val)]
+    rows = ["epoch,train_loss,val_accuracy"] + [
+        f"{e},1.0,{'' if v is None else v}" for e, v in enumerate(val)
+    ]
     (run / "epochs.csv").write_text("\n".join(rows) + "\n")
 
 
@@ -39,10 +43,10 @@ def tuning(tmp_path: Path) -> Path:
     folder = tmp_path / "tune"
     for name in GN:
         tuning_run(folder, name, 0.05, [0.1, 0.80, 0.85])
-        tuning_run(folder, name, 0.2, [0.1, 0.95, 0.83])   # best epoch 1, final lower
+        tuning_run(folder, name, 0.2, [0.1, 0.95, 0.83])  # best epoch 1, final lower
         tuning_run(folder, name, 1.0, [0.1, 0.5, float("nan")], status="diverged")
     tuning_run(folder, "adam", 1e-4, [0.1, 0.9, 0.92])
-    tuning_run(folder, "adam", 1e-3, [0.1, 0.9, 0.92])     # a tie: the smaller rate wins
+    tuning_run(folder, "adam", 1e-3, [0.1, 0.9, 0.92])  # a tie: the smaller rate wins
     tuning_run(folder, "sgd", 0.1, [0.1, 0.9, 0.93])
     return folder
 
@@ -50,11 +54,19 @@ def tuning(tmp_path: Path) -> Path:
 def test_choice_by_final_or_best_validation_accuracy(tuning):
     chosen = TU.choose(TU.trials(tuning, "final"))
     assert {n: e["lr"] for n, e in chosen.items()} == {
-        "adam": 1e-4, "jflat": 0.05, "jflat-trunc": 0.05, "jplus": 0.05, "sgd": 0.1}
+        "adam": 1e-4,
+        "jflat": 0.05,
+        "jflat-trunc": 0.05,
+        "jplus": 0.05,
+        "sgd": 0.1,
+    }
     best = TU.choose(TU.trials(tuning, "best"))
     assert best["jflat"]["lr"] == 0.2 and best["jflat"]["score"] == 0.95
     text = TU.table(TU.trials(tuning, "final"), chosen, "final")
-    assert "| jflat | 1 | 42 | diverged | - |  |" in text and "| jflat | 0.05 | 42 | finished | 85.00 | yes |" in text
+    assert (
+        "| jflat | 1 | 42 | diverged | - |  |" in text
+        and "| jflat | 0.05 | 42 | finished | 85.00 | yes |" in text
+    )
 
 
 def test_missing_validation_and_all_diverged_are_errors(tmp_path):
@@ -66,8 +78,15 @@ def test_missing_validation_and_all_diverged_are_errors(tmp_path):
         TU.choose(TU.trials(tmp_path / "b", "final"))
 
 
-@pytest.mark.parametrize("template", ["tuning/final-minibatch-cpu.toml", "tuning/final-fullbatch-cpu.toml",
-                                      "tuning/final-cifar10-fullbatch-cpu.toml", "long-minibatch-cpu.toml"])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "tuning/final-minibatch-cpu.toml",
+        "tuning/final-fullbatch-cpu.toml",
+        "tuning/final-cifar10-fullbatch-cpu.toml",
+        "long-minibatch-cpu.toml",
+    ],
+)
 def test_the_shipped_follow_up_studies_get_the_chosen_rates_and_nothing_else(tuning, tmp_path, template):
     path = STUDIES_DIR / template
     out = tmp_path / "final.toml"
@@ -77,7 +96,10 @@ def test_the_shipped_follow_up_studies_get_the_chosen_rates_and_nothing_else(tun
     assert [r.name for r in before.runs] == [r.name for r in after.runs]
     seeds = set()
     for a, b in zip(before.runs, after.runs):
-        ca, cb = to_dict(run_config(before, a, check_only=True)), to_dict(run_config(after, b, check_only=True))
+        ca, cb = (
+            to_dict(run_config(before, a, check_only=True)),
+            to_dict(run_config(after, b, check_only=True)),
+        )
         assert cb["optim"]["lr"] == rates[contender(cb)]
         ca["optim"]["lr"] = cb["optim"]["lr"]
         assert ca == cb  # only the rate changed
@@ -91,8 +113,18 @@ def test_the_shipped_follow_up_studies_get_the_chosen_rates_and_nothing_else(tun
 def test_a_template_contender_that_was_not_tuned_is_an_error(tmp_path):
     tuning_run(tmp_path / "t", "adam", 1e-3, [0.1, 0.9])
     out = tmp_path / "x.toml"
-    assert TU.main([str(tmp_path / "t"), "--template", str(STUDIES_DIR / "long-minibatch-cpu.toml"),
-                    "--out", str(out)]) == 1
+    assert (
+        TU.main(
+            [
+                str(tmp_path / "t"),
+                "--template",
+                str(STUDIES_DIR / "long-minibatch-cpu.toml"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 1
+    )
     assert not out.exists()
 
 
@@ -106,4 +138,6 @@ def test_tuning_studies_cover_five_contenders_on_a_validation_split(name):
         assert cfg["data"]["val_size"] > 0 and cfg["seed"] == 42
     assert sorted(grid) == ["adam", "jflat", "jflat-trunc", "jplus", "sgd"]
     assert all(len(v) == 3 == len(set(v)) for v in grid.values())
-    assert len({(c["data"]["train_size"], c["train"]["batch_size"], c["train"]["epochs"]) for c in configs}) == 1
+    assert (
+        len({(c["data"]["train_size"], c["train"]["batch_size"], c["train"]["epochs"]) for c in configs}) == 1
+    )
