@@ -69,6 +69,11 @@ class DataConfig:
     subset: str = "first"  # first (reference) | balanced (seeded class-balanced draw)
     subset_seed: int = 0
     test_size: int = 0  # first N test images; 0 = all
+    # Validation images held out of the *training* file (never the test file), logged as val_loss and
+    # val_accuracy: a uniform seeded draw from the images outside the training subset (train_size = 0: from
+    # all, and training gets the rest). 0 = no validation set. Rule: exactgn.data.split_indices.
+    val_size: int = 0
+    val_seed: int = 0
     augment: bool = False  # random-resized-crop of every training batch
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.33])
@@ -284,7 +289,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         if value < minimum:
             raise ConfigError(f"{key}: must be >= {minimum}, got {value!r}")
 
-    for key in ("data.train_size", "data.test_size", "train.epochs", "train.batch_size", "train.checkpoint_every",
+    for key in ("data.train_size", "data.test_size", "data.val_size", "data.val_seed", "train.epochs",
+                "train.batch_size", "train.checkpoint_every",
                 "train.threads", "optim.lr", "optim.weight_decay", "optim.gn.rtol", "optim.gn.atol",
                 "optim.gn.damping", "optim.gn.noise", "optim.sgd.momentum", "model.init_std"):
         at_least(key, 0)

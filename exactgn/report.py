@@ -652,7 +652,7 @@ def _summary_rows(panel: Panel) -> list[list[str]]:
 
 
 def _html(runs: Sequence[Run], panels: Sequence[Panel], figures: Sequence[_Figure], band: str, title: str,
-          cross: Sequence[_CrossCKA] = ()) -> str:
+          cross: Sequence[_CrossCKA] = (), matched: str = "") -> str:
     env = _environment()
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
@@ -679,6 +679,7 @@ def _html(runs: Sequence[Run], panels: Sequence[Panel], figures: Sequence[_Figur
                             + [f"{_num(c.biased[l][i][j], 5)} / {_num(c.unbiased[l][i][j], 5)}" for l in range(c.blocks)])
         parts.append(_table(["series", "against"] + [f"block {l} (biased / unbiased)" for l in range(c.blocks)], rows,
                             [False, False] + [True] * c.blocks))
+    parts.append(matched)
     parts.append("<h2>Figures</h2>")
     for fig in figures:
         b64 = base64.b64encode(fig.data).decode("ascii")
@@ -717,6 +718,28 @@ def _html(runs: Sequence[Run], panels: Sequence[Panel], figures: Sequence[_Figur
 
 
 # ---------------------------------------------------------------------------- entry point
+def _matched_section(runs: Sequence[Run], target: float) -> str:
+    """The "diagnostics at matched training loss" section (exactgn.evidence); runs without diagnostics are
+    named below it."""
+    from .evidence import matched_loss_table
+
+    with_diag = [r for r in runs if r.diagnostics]
+    parts = [f"<h2>Diagnostics at matched training loss (first record with train loss &le; {target:g})</h2>",
+             "<p>Each run is read at the first diagnostics record whose full-training-set loss is at or below "
+             "the target (no interpolation; the record's actual loss is shown). Runs that never get there are "
+             "listed "
+             "as not reached, with the lowest loss they recorded.</p>"]
+    if with_diag:
+        head, rows = matched_loss_table([r.path for r in with_diag], target)
+        for row, r in zip(rows, with_diag):
+            row[0] = r.label
+        parts.append(_table(head, [[_esc(c) for c in row] for row in rows], [False] * 4 + [True] * 4))
+    missing = [r.label for r in runs if not r.diagnostics]
+    if missing:
+        parts.append(f"<p>Without diagnostics.jsonl (not in the table): {_esc(', '.join(missing))}.</p>")
+    return "\n".join(parts)
+
+
 def make_report(
     paths: Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -726,6 +749,7 @@ def make_report(
     cross_cka: bool = False,
     probe_size: int = 256,
     data_root: str | None = None,
+    matched_loss: float | None = None,
 ) -> Path:
     """Write ``out/index.html`` (self-contained: figures embedded) and the figures as ``out/*.png``; returns the
     HTML path. ``paths``: run folders or folders that contain run folders. ``band``: ``"minmax"`` or ``"std"``.
@@ -733,6 +757,9 @@ def make_report(
     ``cross_cka``: also compute linear CKA between the final models (``checkpoints/last.pt``) of every pair of
     series of a dataset, on its first ``probe_size`` training images (needs the data; root ``data_root``, else the
     runs' ``data.root``, else ``$EXACTGN_DATA``).
+
+    ``matched_loss``: with several runs, add the table "diagnostics at matched training loss" (each run's
+    first diagnostics record at or below that training loss, :mod:`exactgn.evidence`).
     """
     if band not in ("minmax", "std"):
         raise ValueError(f"band must be 'minmax' or 'std', got {band!r}")
@@ -750,7 +777,10 @@ def make_report(
     figures.extend(_cross_cka_figure(c, out) for c in cross)
     page = out / "index.html"
     tmp = out / ".index.html.tmp"
-    tmp.write_text(_html(runs, panels, figures, band, title, cross), encoding="utf-8")
+    if matched_loss is not None and not math.isfinite(matched_loss):
+        raise ReportError(f"--matched-loss must be a finite training loss, got {matched_loss!r}")
+    matched = _matched_section(runs, matched_loss) if matched_loss is not None and len(runs) > 1 else ""
+    tmp.write_text(_html(runs, panels, figures, band, title, cross, matched), encoding="utf-8")
     os.replace(tmp, page)
     return page
 
@@ -775,12 +805,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--probe-size", type=int, default=256, help="probe images for --cross-cka (default 256)")
     p.add_argument("--data-root", metavar="DIR", help="data root for --cross-cka (default: the runs' data.root, "
                    "else $EXACTGN_DATA)")
+    p.add_argument("--matched-loss", type=float, metavar="LOSS",
+                   help="with several runs: add a table of each run's diagnostics at the first record whose "
+                   "training loss is at or below LOSS (comparisons at matched training loss, not matched "
+                   "steps)")
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
     page = make_report(args.run_dirs, args.out, band=args.band, title=args.title, cross_cka=args.cross_cka,
-                       probe_size=args.probe_size, data_root=args.data_root)
+                       probe_size=args.probe_size, data_root=args.data_root, matched_loss=args.matched_loss)
     pngs = sorted(p.name for p in page.parent.glob("*.png"))
     print(f"wrote {page} and {len(pngs)} figure(s) in {page.parent}")
     return 0

@@ -519,12 +519,16 @@ class _Run:
         start = time.perf_counter()
         tr_loss, tr_acc = evaluate(self.model, self.data.train.images, self.data.train.labels, cfg.train.loss, cfg.train.eval_batch_size)
         te_loss, te_acc = evaluate(self.model, self.data.test.images, self.data.test.labels, cfg.train.loss, cfg.train.eval_batch_size)
+        va_loss = va_acc = None
+        if self.data.val is not None:
+            va_loss, va_acc = evaluate(self.model, self.data.val.images, self.data.val.labels, cfg.train.loss,
+                                       cfg.train.eval_batch_size)
         eval_time = time.perf_counter() - start
         row = dict(
             epoch=epoch, train_loss=tr_loss, train_accuracy=tr_acc, test_loss=te_loss, test_accuracy=te_acc,
             epoch_time_s=pos.epoch_time if epoch > 0 else 0.0, wall_time_s=self.wall(),
             mean_loss_change_pct=pos.change_sum / pos.change_count if pos.change_count else None,
-            eval_time_s=eval_time, global_step=pos.global_step,
+            eval_time_s=eval_time, global_step=pos.global_step, val_loss=va_loss, val_accuracy=va_acc,
         )
         self.log.epoch(row)
         if self.progress:
@@ -652,9 +656,11 @@ def train(
     dtype = _DTYPES[cfg.model.dtype]
     data = load_dataset(
         cfg.data.dataset, cfg.data.root or None, train_size=cfg.data.train_size, test_size=cfg.data.test_size,
-        subset=cfg.data.subset, subset_seed=cfg.data.subset_seed, download=cfg.data.download, dtype=dtype,
+        subset=cfg.data.subset, subset_seed=cfg.data.subset_seed, val_size=cfg.data.val_size,
+        val_seed=cfg.data.val_seed, download=cfg.data.download, dtype=dtype,
     )
-    data = DataSplit(data.name, data.train.to(device), data.test.to(device), data.classes, data.source)
+    val = data.val.to(device) if data.val is not None else None
+    data = DataSplit(data.name, data.train.to(device), data.test.to(device), data.classes, data.source, val)
     model = build_model(cfg, data.features, data.num_classes)
     init_source = load_init_weights(model, cfg.model.init_from) if cfg.model.init_from and payload is None else None
     model = model.to(device)
@@ -682,6 +688,7 @@ def train(
             "end_time": None, "status": "running", "epochs_done": 0, "global_step": 0, "epochs": cfg.train.epochs,
             "name": cfg.name, "optimiser": cfg.optim.name, "dataset": cfg.data.dataset, "data_source": data.source,
             "train_size": len(data.train), "test_size": len(data.test), "batch_size": batch,
+            "val_size": len(data.val) if data.val is not None else 0,
             "steps_per_epoch": None, "message": None, "resumed": [],
         }
         if init_source is not None:
