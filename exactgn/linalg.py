@@ -56,7 +56,8 @@ class Regularisation:
 
 @dataclass
 class SolveInfo:
-    """How one Gram solve went: ``method`` is ``"cholesky"``, ``"eigh"`` (truncation asked for),
+    """How one Gram solve went: ``method`` is ``"cholesky"`` (``"cholesky-damped"`` with damping), ``"qr"`` (a QR
+    of ``Aᵀ``, :func:`factor_rows`), ``"svd-fallback"`` (``A`` numerically rank-deficient), ``"eigh"`` (truncation),
     ``"eigh-fallback"`` (Cholesky failed) or ``"eigh-lstsq"`` (a minimum-norm solve was asked for);
     ``rank`` is how many directions were kept out of ``size``."""
 
@@ -104,7 +105,7 @@ def gram_solve(
             sol = torch.cholesky_solve(rhs, factor)
             residual = float((_symmetric_matmul(system, sol, lower_only) - rhs).norm() / rhs.norm().clamp_min(1e-300))
             if residual <= (2 * unit_roundoff(system.dtype)) ** 0.5:
-                return sol.to(out_dtype), SolveInfo("cholesky", n, n)
+                return sol.to(out_dtype), SolveInfo("cholesky-damped" if reg.damping else "cholesky", n, n)
             reason = f"its Cholesky solve leaves a relative residual of {residual:.1e}"
         else:
             reason = f"Cholesky failed at column {int(status)}"
