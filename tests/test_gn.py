@@ -430,3 +430,24 @@ def test_bad_batches(rng):
     rows[1, 1] = float("inf")
     with pytest.raises(ValueError, match="NaN or infinite"):
         exactgn.gn_direction(model, x, rows, loss="mse")
+
+
+@pytest.mark.parametrize("how", ["double", "to", "load_state_dict"])
+def test_right_inverse_stays_exact_after_a_cast(rng, how):
+    """A float32 readout cast to float64 is orthonormal only to ~1e-7: the step must still realise v to 1e-10
+    (it was 1e-8 while Uᵀ served as the readout's inverse)."""
+    seed = int(torch.randint(0, 2**31 - 1, (), generator=rng))
+    m32 = exactgn.RevMLP(D, K, 2, 8, init_std=0.3, seed=seed)
+    if how == "double":
+        model = m32.double()
+    elif how == "to":
+        model = m32.to(torch.float64)
+    else:
+        model = exactgn.RevMLP(D, K, 2, 8, init_std=0.3, seed=seed + 1, dtype=F64)
+        model.load_state_dict(m32.state_dict())
+    u = model.readout
+    assert model.readout.dtype == F64 and (u.T @ u - torch.eye(K, dtype=F64)).norm() > 1e-9
+    x = torch.randn(5, D, generator=rng, dtype=F64)
+    res = exactgn.compute_direction(model, x, torch.randint(0, K, (5,), generator=rng), inverse="right")
+    assert res.exact
+    assert relative(jacobian(model, x) @ flat(res.direction, model), res.v.reshape(-1)) <= 1e-10
