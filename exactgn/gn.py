@@ -396,7 +396,10 @@ def gn_direction(
         loss: ``"cross_entropy"`` or ``"mse"``.
         hessian: ``"exact"`` or ``"identity"`` (cross-entropy only; MSE's Hessian is the identity).
         inverse: ``"right"`` — the tractable right inverse ``J♭`` scaled by ``1/L`` so that
-            ``J·direction = v`` (DESIGN §3a); ``"pinv"`` — the minimum-norm step ``J⁺v`` (§3b).
+            ``J·direction = v`` (DESIGN §3a), the reference's rule: the reference's step is ``c·L·direction``
+            with ``c = 1`` for cross-entropy with the identity Hessian and ``c = 2`` for MSE (its target is the
+            gradient ``2(o − y)``, not ``H⁺g = o − y``), so a reference MSE learning rate ``lr`` is ``2·L·lr``
+            here; ``"pinv"`` — the minimum-norm step ``J⁺v`` (§3b).
         rtol, atol: truncate singular values ``≤ max(rtol·σ_max, atol)`` of each pseudo-inverse.
         damping: ``λ`` in ``Aᵀ(AAᵀ + λI)⁻¹``.
         least_squares: accept a batch too large for the step to be exact (otherwise that is an error).
