@@ -7,8 +7,8 @@
   one batched backward pass over the ``k`` classes gives ``M[c, i] = ∂o_{i,c}/∂y_i`` (``k × B × out``) and the
   layer adds ``(AAᵀ + 1 ⊗ 1_{k×k}) ∘ (M Mᵀ)`` to the Gram (the ``1`` only with a trainable bias).
 * **per-sample**: every other trainable parameter (LayerNorm affine, Conv2d, a bare ``nn.Parameter``, a Linear
-  over a sequence, a Linear called twice): ``torch.func`` per-sample Jacobians, ``vmap(jacrev)``, in sample and
-  parameter chunks whose Jacobian blocks stay under ``memory_bound`` bytes, adding ``J_p J_pᵀ``.
+  over a sequence, a Linear called twice): ``torch.func`` per-sample Jacobians, ``vmap(jacrev)``, in sample
+  and parameter chunks whose Jacobian blocks stay under ``memory_bound`` bytes, adding ``J_p J_pᵀ``.
 
 The step ``Δθ = Jᵀu`` is one ordinary backward pass with cotangent ``u``; for the structured layers it is also
 formed from ``A`` and ``M``, and the two must agree (this catches tied weights and rows that are not samples).
@@ -26,7 +26,7 @@ from torch.func import functional_call, jacrev, jvp, vmap
 
 from .errors import ExactGNError, InexactStepError
 from .gn import INVERSES, GNResult, _chunk_edges, _symmetrise_lower
-from .linalg import Regularisation, SolveInfo, gram_solve
+from .linalg import Regularisation, gram_solve
 from .losses import HESSIANS, LOSSES, as_target_rows, check_choice, loss_value, newton_target
 
 __all__ = [
@@ -48,12 +48,14 @@ class UnsupportedModelError(ExactGNError, ValueError):
 
 
 class MemoryBoundError(ExactGNError, MemoryError):
-    """The per-sample Jacobian of a parameter does not fit under the memory bound even one sample at a time."""
+    """The per-sample Jacobian of a parameter does not fit under the memory bound even one sample at a
+    time."""
 
 
 @dataclass
 class _Linear:
-    """One structured ``nn.Linear`` application: input ``A`` (``B × in``, detached), output ``y`` (in the graph)."""
+    """One structured ``nn.Linear`` application: input ``A`` (``B × in``, detached), output ``y`` (in the
+    graph)."""
 
     name: str
     module: nn.Linear
@@ -72,21 +74,22 @@ class _Capture:
     trainable: dict[str, nn.Parameter]
 
 
-# ---------------------------------------------------------------------------- checks
+# ------------------------------------------------------------ checks
 def _check_model(model: object) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"exactgn's GN steps need a torch.nn.Module, got {type(model).__name__}")
     for name, mod in model.named_modules():
         if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
             raise UnsupportedModelError(
-                f"module {name!r} ({type(mod).__name__}) is in training mode: it normalises with batch statistics, "
-                "so every sample's output depends on the others and J has no per-sample rows. Call model.eval() "
-                "(running statistics) for the GN step, or use LayerNorm/GroupNorm instead."
+                f"module {name!r} ({type(mod).__name__}) is in training mode: it normalises with batch "
+                "statistics, so every sample's output depends on the others and J has no per-sample rows. "
+                "Call model.eval() (running statistics) for the GN step, or use LayerNorm/GroupNorm "
+                "instead."
             )
         if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.training and mod.p > 0:
             raise UnsupportedModelError(
-                f"module {name!r} ({type(mod).__name__}, p={mod.p}) is in training mode: the model is random, so "
-                "it has no Jacobian to invert exactly. Call model.eval() for the GN step."
+                f"module {name!r} ({type(mod).__name__}, p={mod.p}) is in training mode: the model is "
+                "random, so it has no Jacobian to invert exactly. Call model.eval() for the GN step."
             )
     return model
 
@@ -94,7 +97,9 @@ def _check_model(model: object) -> nn.Module:
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not params:
-        raise UnsupportedModelError(f"{type(model).__name__} has no trainable parameters (requires_grad=True)")
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no trainable parameters (requires_grad=True)"
+        )
     return params
 
 
@@ -102,7 +107,9 @@ def _prepare_inputs(inputs: Tensor, like: Tensor) -> Tensor:
     if not isinstance(inputs, Tensor):
         raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
     if inputs.dim() == 0 or inputs.shape[0] == 0:
-        raise ValueError(f"inputs must hold a non-empty batch along dimension 0, got shape {tuple(inputs.shape)}")
+        raise ValueError(
+            f"inputs must hold a non-empty batch along dimension 0, got shape {tuple(inputs.shape)}"
+        )
     if not inputs.is_floating_point():
         return inputs.to(like.device)
     if not torch.isfinite(inputs).all():
@@ -114,29 +121,25 @@ def _check_exactness(batch: int, k: int, params: int, inverse: str, lenient: boo
     rows = batch * k
     if inverse == "right":
         raise ValueError(
-            "inverse='right' (the tractable right inverse J♭) exists only for an exactgn.RevMLP, whose coupling "
-            "blocks can be inverted; for any other model use inverse='pinv' (the exact minimum-norm step J⁺v)."
+            "inverse='right' (the tractable right inverse J♭) exists only for an exactgn.RevMLP, whose "
+            "coupling blocks can be inverted; for any other model use inverse='pinv' (the exact "
+            "minimum-norm step J⁺v)."
         )
     if rows > params and not lenient:
         raise InexactStepError(
-            f"inverse='pinv' needs J (batch·k = {rows} rows) to have full row rank, but the model has only {params} "
-            f"trainable parameters. Use a batch of at most {params // k}, or pass least_squares=True to accept the "
-            "least-squares step."
+            f"inverse='pinv' needs J (batch·k = {rows} rows) to have full row rank, but the model has only "
+            f"{params} trainable parameters. Use a batch of at most {params // k}, or pass "
+            "least_squares=True to accept the least-squares step."
         )
 
 
-# ---------------------------------------------------------------------------- forward with hooks
+# ------------------------------------------------------------ forward with hooks
 def _capture(model: nn.Module, inputs: Tensor, structured: bool) -> _Capture:
-    """Forward pass recording every trainable ``nn.Linear`` application; splits parameters into the two paths."""
+    """Forward pass recording every trainable ``nn.Linear`` application; splits parameters into the two
+    paths."""
     trainable = _trainable(model)
     seen: dict[str, list[tuple[Tensor | None, Tensor]]] = {}
-    hooks = []
-    if structured:
-        for name, mod in model.named_modules():
-            if isinstance(mod, nn.Linear) and any(p.requires_grad for p in mod.parameters(recurse=False)):
-                def hook(m: nn.Module, args: tuple, out: Tensor, name: str = name) -> None:
-                    seen.setdefault(name, []).append((args[0] if args else None, out))
-                hooks.append(mod.register_forward_hook(hook))
+    hooks = _register_hooks(model, seen) if structured else []
     try:
         with torch.enable_grad():
             logits = model(inputs)
@@ -150,6 +153,19 @@ def _capture(model: nn.Module, inputs: Tensor, structured: bool) -> _Capture:
     return _Capture(logits, linears, per_sample, trainable)
 
 
+def _register_hooks(model: nn.Module, seen: dict) -> list:
+    """Forward hooks on every ``nn.Linear`` with a trainable parameter; a call appends ``(input, output)``."""
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and any(p.requires_grad for p in mod.parameters(recurse=False)):
+
+            def hook(m: nn.Module, args: tuple, out: Tensor, name: str = name) -> None:
+                seen.setdefault(name, []).append((args[0] if args else None, out))
+
+            hooks.append(mod.register_forward_hook(hook))
+    return hooks
+
+
 def _check_logits(model: nn.Module, logits: object, batch: int) -> None:
     if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != batch:
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
@@ -158,7 +174,9 @@ def _check_logits(model: nn.Module, logits: object, batch: int) -> None:
             "Wrap the model so that it returns one row of outputs per sample."
         )
     if not logits.requires_grad:
-        raise UnsupportedModelError(f"{type(model).__name__}'s logits do not depend on any trainable parameter")
+        raise UnsupportedModelError(
+            f"{type(model).__name__}'s logits do not depend on any trainable parameter"
+        )
 
 
 def _structured_linears(model: nn.Module, seen: dict, logits: Tensor) -> list[_Linear]:
@@ -171,20 +189,27 @@ def _structured_linears(model: nn.Module, seen: dict, logits: Tensor) -> list[_L
     out = []
     for name, calls in seen.items():
         mod = modules[name]
-        if len(calls) != 1 or calls[0][0] is None:
+        if not _qualifies(mod, calls, batch, uses):
             continue
         x, y = calls[0]
-        own = [p for p in mod.parameters(recurse=False) if p.requires_grad]
-        if x.dim() != 2 or y.dim() != 2 or x.shape[0] != batch or any(uses[id(p)] > 1 for p in own):
-            continue
         bias = mod.bias is not None and mod.bias.requires_grad
         out.append(_Linear(name, mod, x.detach(), y, mod.weight.requires_grad, bias, y is logits))
     return out
 
 
-# ---------------------------------------------------------------------------- the structured Gram
+def _qualifies(mod: nn.Module, calls: list, batch: int, uses: dict[int, int]) -> bool:
+    """One call, on a ``B × in`` matrix, with parameters no other module holds."""
+    if len(calls) != 1 or calls[0][0] is None:
+        return False
+    x, y = calls[0]
+    shared = any(uses[id(p)] > 1 for p in mod.parameters(recurse=False) if p.requires_grad)
+    return x.dim() == 2 and y.dim() == 2 and x.shape[0] == batch and not shared
+
+
+# ------------------------------------------------------------ the structured Gram
 def _cotangents(capture: _Capture, k: int) -> list[Tensor | None]:
-    """``M`` (``k × B × out``) per structured layer from one batched backward pass; ``None`` for the logits layer."""
+    """``M`` (``k × B × out``) per structured layer from one batched backward pass; ``None`` for the logits
+    layer."""
     logits = capture.logits
     wanted = [lin.output for lin in capture.linears if not lin.is_logits]
     result: list[Tensor | None] = [None] * len(capture.linears)
@@ -192,13 +217,18 @@ def _cotangents(capture: _Capture, k: int) -> list[Tensor | None]:
         return result
     eye = torch.eye(k, dtype=logits.dtype, device=logits.device)
     seeds = eye[:, None, :].expand(k, logits.shape[0], k).contiguous()
-    grads = torch.autograd.grad(logits, wanted, seeds, retain_graph=True, is_grads_batched=True, allow_unused=True)
+    grads = torch.autograd.grad(
+        logits, wanted, seeds, retain_graph=True, is_grads_batched=True, allow_unused=True
+    )
     it = iter(grads)
     for idx, lin in enumerate(capture.linears):
         if not lin.is_logits:
             g = next(it)
-            result[idx] = torch.zeros((k, *lin.output.shape), dtype=logits.dtype, device=logits.device) \
-                if g is None else g.detach()
+            result[idx] = (
+                torch.zeros((k, *lin.output.shape), dtype=logits.dtype, device=logits.device)
+                if g is None
+                else g.detach()
+            )
     return result
 
 
@@ -233,9 +263,10 @@ def _structured_gram(capture: _Capture, cots: list[Tensor | None], k: int, ntk: 
             ntk[lo * k : hi * k, : hi * k] += block
 
 
-# ---------------------------------------------------------------------------- the per-sample Jacobian path
+# ------------------------------------------------------------ the per-sample Jacobian path
 def _param_blocks(params: dict[str, nn.Parameter], row_bytes: int, bound: int) -> list[list[str]]:
-    """Groups of parameter names whose whole-batch Jacobian (``row_bytes`` per column) fits under ``bound``."""
+    """Groups of parameter names whose whole-batch Jacobian (``row_bytes`` per column) fits under
+    ``bound``."""
     blocks: list[list[str]] = []
     size = 0
     for name, p in params.items():
@@ -251,7 +282,9 @@ def _param_blocks(params: dict[str, nn.Parameter], row_bytes: int, bound: int) -
 class _PerSampleJacobian:
     """Rows ``i·k + c`` of ``∂o/∂θ`` for a block of parameters, ``(hi − lo)·k × p``, by ``vmap(jacrev)``."""
 
-    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], names: list[str], logits: Tensor) -> None:
+    def __init__(
+        self, model: nn.Module, params: dict[str, nn.Parameter], names: list[str], logits: Tensor
+    ) -> None:
         self.model, self.names, self.logits = model, names, logits.detach()
         self.values = {n: params[n].detach() for n in names}
 
@@ -274,14 +307,18 @@ def _check_samples_independent(model: nn.Module, alone: Tensor, batched: Tensor)
     tol = 100 * math.sqrt(torch.finfo(batched.dtype).eps) * (float(batched.norm()) + 1e-30)
     if err > tol:
         raise UnsupportedModelError(
-            f"{type(model).__name__} gives different logits for a sample alone than inside the batch (difference "
-            f"{err:.2e}, logits norm {float(batched.norm()):.2e}): its samples interact (batch statistics, "
-            "in-place state, or dropout), so J has no per-sample rows. Call model.eval() or remove the interaction."
+            f"{type(model).__name__} gives different logits for a sample alone than inside the batch "
+            f"(difference {err:.2e}, logits norm {float(batched.norm()):.2e}): its samples interact (batch "
+            "statistics, in-place state, or dropout), so J has no per-sample rows. Call model.eval() or "
+            "remove the interaction."
         )
 
 
-def _per_sample_gram(model: nn.Module, inputs: Tensor, capture: _Capture, k: int, ntk: Tensor, bound: int) -> None:
-    """Adds ``J_p J_pᵀ`` of the per-sample parameters to ``ntk`` (lower block triangle at least), in chunks."""
+def _per_sample_gram(
+    model: nn.Module, inputs: Tensor, capture: _Capture, k: int, ntk: Tensor, bound: int
+) -> None:
+    """Adds ``J_p J_pᵀ`` of the per-sample parameters to ``ntk`` (lower block triangle at least), in
+    chunks."""
     params = capture.per_sample
     if not params:
         return
@@ -297,10 +334,10 @@ def _per_sample_gram(model: nn.Module, inputs: Tensor, capture: _Capture, k: int
         chunk = bound // (2 * k * width * itemsize)
         if chunk < 1:
             raise MemoryBoundError(
-                f"parameter {names[0]!r} ({tuple(params[names[0]].shape)}) needs {2 * k * width * itemsize} bytes "
-                f"for the per-sample Jacobian of two samples, above memory_bound={bound}. Raise memory_bound, "
-                "freeze the parameter (requires_grad_(False)), or make its layer an nn.Linear applied to a "
-                "B × features matrix (the structured path needs no per-sample Jacobian)."
+                f"parameter {names[0]!r} ({tuple(params[names[0]].shape)}) needs {2 * k * width * itemsize} "
+                f"bytes for the per-sample Jacobian of two samples, above memory_bound={bound}. Raise "
+                "memory_bound, freeze the parameter (requires_grad_(False)), or make its layer an nn.Linear "
+                "applied to a B × features matrix (the structured path needs no per-sample Jacobian)."
             )
         edges = list(range(0, batch, chunk)) + [batch]
         for a_lo, a_hi in zip(edges[:-1], edges[1:]):
@@ -312,7 +349,7 @@ def _per_sample_gram(model: nn.Module, inputs: Tensor, capture: _Capture, k: int
                 ntk[a_lo * k : a_hi * k, b_lo * k : b_hi * k] += ja @ jb.T
 
 
-# ---------------------------------------------------------------------------- Jᵀu, checked
+# ------------------------------------------------------------ Jᵀu, checked
 def _transpose_product(capture: _Capture, cots: list[Tensor | None], u: Tensor) -> dict[str, Tensor]:
     """``Jᵀu`` by one backward pass; the structured layers' share is checked against ``A`` and ``M``."""
     names = list(capture.trainable)
@@ -333,17 +370,20 @@ def _transpose_product(capture: _Capture, cots: list[Tensor | None], u: Tensor) 
 
 def _check_agree(name: str, backward: Tensor, structured: Tensor) -> None:
     err = float((backward - structured).norm())
-    tol = 100 * math.sqrt(torch.finfo(backward.dtype).eps) * (float(backward.norm()) + float(structured.norm()))
+    tol = (
+        100 * math.sqrt(torch.finfo(backward.dtype).eps) * (float(backward.norm()) + float(structured.norm()))
+    )
     if err > tol + 1e-300:
         raise UnsupportedModelError(
-            f"nn.Linear {name!r}: the backward pass and the layer's recorded inputs disagree on Jᵀu (difference "
-            f"{err:.2e}): its parameters are used outside its forward (tied weights, functional use) or the rows "
-            "of its input are not the samples. Pass structured=False to exactgn.generic_direction / "
-            "generic_ntk_gram to treat every parameter with per-sample Jacobians."
+            f"nn.Linear {name!r}: the backward pass and the layer's recorded inputs disagree on Jᵀu "
+            f"(difference {err:.2e}): its parameters are used outside its forward (tied weights, functional "
+            "use) or the rows of its input are not the samples. Pass structured=False to "
+            "exactgn.generic_direction / generic_ntk_gram to treat every parameter with per-sample "
+            "Jacobians."
         )
 
 
-# ---------------------------------------------------------------------------- public API
+# ------------------------------------------------------------ public API
 def _gram(model: nn.Module, inputs: Tensor, capture: _Capture, bound: int) -> tuple[Tensor, list]:
     k = capture.logits.shape[1]
     size = inputs.shape[0] * k
@@ -388,7 +428,8 @@ def generic_direction(
 
     Returns:
         a :class:`~exactgn.gn.GNResult`: ``direction`` maps each trainable parameter's name to a tensor shaped
-        like it (the step is ``θ − lr·direction``), with logits, targets, ``v`` (``B × k``), loss and the solve.
+        like it (the step is ``θ − lr·direction``), with logits, targets, ``v`` (``B × k``), loss and the
+        solve.
     """
     model = _check_model(model)
     check_choice("loss", loss, LOSSES)
@@ -402,12 +443,21 @@ def generic_direction(
     logits = capture.logits
     batch, k = logits.shape
     rows = as_target_rows(targets, k, batch, logits.detach(), loss)
-    _check_exactness(batch, k, sum(p.numel() for p in trainable.values()), inverse, least_squares or not reg.exact)
+    _check_exactness(
+        batch, k, sum(p.numel() for p in trainable.values()), inverse, least_squares or not reg.exact
+    )
     with torch.no_grad():
         v = newton_target(logits.detach(), rows, loss, hessian)
     ntk, cots = _gram(model, inputs, capture, memory_bound)
-    u, info = gram_solve(ntk, v.reshape(batch * k, 1), reg, solve_dtype=solve_dtype, lower_only=True,
-                         warn=not least_squares, what="NTK Gram JJᵀ")
+    u, info = gram_solve(
+        ntk,
+        v.reshape(batch * k, 1),
+        reg,
+        solve_dtype=solve_dtype,
+        lower_only=True,
+        warn=not least_squares,
+        what="NTK Gram JJᵀ",
+    )
     direction = _transpose_product(capture, cots, u.view(batch, k))
     with torch.no_grad():
         value = loss_value(logits.detach(), rows, loss)
@@ -417,7 +467,8 @@ def generic_direction(
 def generic_ntk_gram(
     model: nn.Module, inputs: Tensor, *, memory_bound: int = DEFAULT_MEMORY_BOUND, structured: bool = True
 ) -> Tensor:
-    """The exact empirical NTK ``JJᵀ`` of any module's logits on a batch (``Bk × Bk``, row/column ``i·k + c``).
+    """The exact empirical NTK ``JJᵀ`` of any module's logits on a batch (``Bk × Bk``, row/column ``i·k +
+    c``).
 
     The structured layers are checked with ``Jᵀu`` for a fixed pseudo-random ``u`` (one extra backward pass).
     """
@@ -438,7 +489,9 @@ def generic_jvp_logits(model: nn.Module, inputs: Tensor, delta: dict[str, Tensor
     trainable = _trainable(model)
     unknown = set(delta) - set(trainable)
     if unknown:
-        raise KeyError(f"delta names parameters the model does not have (or that do not train): {sorted(unknown)}")
+        raise KeyError(
+            f"delta names parameters the model does not have (or that do not train): {sorted(unknown)}"
+        )
     inputs = _prepare_inputs(inputs, next(iter(trainable.values())))
     primals = {n: p.detach() for n, p in trainable.items()}
     tangents = {n: delta[n].to(p) if n in delta else torch.zeros_like(p) for n, p in primals.items()}
@@ -447,19 +500,23 @@ def generic_jvp_logits(model: nn.Module, inputs: Tensor, delta: dict[str, Tensor
     return out
 
 
-# ---------------------------------------------------------------------------- floating-point work
+# ------------------------------------------------------------ floating-point work
 def gn_step_flops(model: nn.Module, inputs: Tensor) -> dict[str, float]:
-    """Floating-point operations (multiply and add counted separately) of each step on this batch, as implemented.
+    """Floating-point operations (multiply and add counted separately) of each step on this batch, as
+    implemented.
 
-    Counts the ``nn.Linear`` products, Grams and factorisations; elementwise work is left out. Parameters outside
-    structured layers add only their Gram ``2(Bk)²p``: their per-sample Jacobians are not counted.
+    Counts the ``nn.Linear`` products, Grams and factorisations; elementwise work is left out. Parameters
+    outside structured layers add only their Gram ``2(Bk)²p``: their per-sample Jacobians are not counted.
     Returns ``forward``, ``adam_step`` (forward + backward) and ``gn_pinv_step``.
     """
     model = _check_model(model)
     inputs = _prepare_inputs(inputs, next(iter(_trainable(model).values())))
     calls: list[tuple[nn.Linear, Tensor, Tensor]] = []
-    hooks = [m.register_forward_hook(lambda m, a, o: calls.append((m, a[0], o)))
-             for m in model.modules() if isinstance(m, nn.Linear)]
+    hooks = [
+        m.register_forward_hook(lambda m, a, o: calls.append((m, a[0], o)))
+        for m in model.modules()
+        if isinstance(m, nn.Linear)
+    ]
     try:
         capture = _capture(model, inputs, True)
     finally:

@@ -41,7 +41,9 @@ def _flatten(x: Tensor, features: int) -> Tensor:
         raise ValueError(f"inputs must be a batch tensor of shape (B, {features}) or images (B, ...)")
     flat = x.reshape(x.shape[0], -1)
     if flat.shape[1] != features:
-        raise ValueError(f"inputs of shape {tuple(x.shape)} give {flat.shape[1]} features, the model takes {features}")
+        raise ValueError(
+            f"inputs of shape {tuple(x.shape)} give {flat.shape[1]} features, the model takes {features}"
+        )
     return flat
 
 
@@ -58,13 +60,21 @@ class MLP(nn.Module):
             ``gain/√fan_in`` (He for ReLU/GELU, LeCun for tanh/identity).
         seed: seeds every weight; dtype: floating dtype of all tensors.
 
-    ``model(x)`` maps ``B × d`` (or images that flatten to ``d``) to logits ``B × k``. ``model.layers`` holds the
-    ``nn.Linear`` layers in forward order.
+    ``model(x)`` maps ``B × d`` (or images that flatten to ``d``) to logits ``B × k``. ``model.layers`` holds
+    the ``nn.Linear`` layers in forward order.
     """
 
     def __init__(
-        self, in_features: int, num_classes: int, widths: list[int] | tuple[int, ...], *, activation: str = "relu",
-        bias: bool = True, init_std: float | None = None, seed: int = 0, dtype: torch.dtype = torch.float32,
+        self,
+        in_features: int,
+        num_classes: int,
+        widths: list[int] | tuple[int, ...],
+        *,
+        activation: str = "relu",
+        bias: bool = True,
+        init_std: float | None = None,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         sizes = [_check_int("in_features", in_features, 1)]
@@ -80,16 +90,27 @@ class MLP(nn.Module):
 
     def config(self) -> dict:
         """The constructor arguments (without dtype), enough to rebuild the same architecture."""
-        return dict(in_features=self.in_features, num_classes=self.num_classes, widths=list(self.widths),
-                    activation=self.activation, bias=self.layers[0].bias is not None, init_std=self.init_std,
-                    seed=self.seed)
+        return dict(
+            in_features=self.in_features,
+            num_classes=self.num_classes,
+            widths=list(self.widths),
+            activation=self.activation,
+            bias=self.layers[0].bias is not None,
+            init_std=self.init_std,
+            seed=self.seed,
+        )
 
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
-        """Weights ``N(0, σ²)`` (σ: ``init_std`` or ``gain/√fan_in``), biases 0; drawn in float64 on the CPU."""
+        """Weights ``N(0, σ²)`` (σ: ``init_std`` or ``gain/√fan_in``), biases 0; drawn in float64 on the
+        CPU."""
         gen = torch.Generator().manual_seed(self.seed if seed is None else seed)
         for layer in self.layers:
-            std = self.init_std if self.init_std is not None else _GAINS[self.activation] / math.sqrt(layer.in_features)
+            std = (
+                self.init_std
+                if self.init_std is not None
+                else _GAINS[self.activation] / math.sqrt(layer.in_features)
+            )
             layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen, dtype=torch.float64) * std)
             if layer.bias is not None:
                 layer.bias.zero_()
@@ -102,8 +123,11 @@ class MLP(nn.Module):
         return self.layers[-1](h)
 
 
-def mlp_width_for(num_params: int, in_features: int, num_classes: int, depth: int, *, bias: bool = True) -> int:
-    """The hidden width ``w`` (same for all ``depth`` hidden layers) whose :class:`MLP` has closest to ``num_params``.
+def mlp_width_for(
+    num_params: int, in_features: int, num_classes: int, depth: int, *, bias: bool = True
+) -> int:
+    """The hidden width ``w`` (same for all ``depth`` hidden layers) whose :class:`MLP` has closest to
+    ``num_params``.
 
     Counts ``(d+b)w + (depth−1)(w+b)w + (w+b)k`` parameters (``b = 1`` with bias); e.g. to match a RevMLP's
     ``sum(p.numel() for p in rev.parameters())``.
@@ -139,7 +163,8 @@ class ResBlock(nn.Module):
 
 
 class ResMLP(nn.Module):
-    """Residual MLP with RevMLP's inverted-bottleneck blocks, additive skips and fixed readout (not reversible).
+    """Residual MLP with RevMLP's inverted-bottleneck blocks, additive skips and fixed readout (not
+    reversible).
 
     Args:
         in_features: ``d``; num_classes: ``k`` (at most ``d``); num_blocks: ``L``.
@@ -147,13 +172,21 @@ class ResMLP(nn.Module):
         bias: trainable bias per block; init_std: std of the trainable weights (RevMLP's reference: ``1e-3``).
         seed: seeds the bottlenecks, readout and weights; dtype: floating dtype of all tensors.
 
-    ``model(x)``: ``B × d`` (or images) → logits ``B × k``. Trainable: ``blocks[l].out`` only; ``blocks[l].proj``
-    (``C_lᵀ``) and ``readout`` (``Uᵀ``) are frozen ``nn.Linear`` layers.
+    ``model(x)``: ``B × d`` (or images) → logits ``B × k``. Trainable: ``blocks[l].out`` only;
+    ``blocks[l].proj`` (``C_lᵀ``) and ``readout`` (``Uᵀ``) are frozen ``nn.Linear`` layers.
     """
 
     def __init__(
-        self, in_features: int, num_classes: int, num_blocks: int, hidden: int | None, *, bias: bool = True,
-        init_std: float = 1e-3, seed: int = 0, dtype: torch.dtype = torch.float32,
+        self,
+        in_features: int,
+        num_classes: int,
+        num_blocks: int,
+        hidden: int | None,
+        *,
+        bias: bool = True,
+        init_std: float = 1e-3,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         _check_int("in_features", in_features, 1)
@@ -162,9 +195,16 @@ class ResMLP(nn.Module):
         if hidden is not None:
             _check_int("hidden", hidden, 1)
         if num_classes > in_features:
-            raise ValueError(f"num_classes ({num_classes}) must be at most in_features ({in_features}): "
-                             "the readout has orthonormal columns")
-        self.in_features, self.num_classes, self.num_blocks, self.hidden = in_features, num_classes, num_blocks, hidden
+            raise ValueError(
+                f"num_classes ({num_classes}) must be at most in_features ({in_features}): "
+                "the readout has orthonormal columns"
+            )
+        self.in_features, self.num_classes, self.num_blocks, self.hidden = (
+            in_features,
+            num_classes,
+            num_blocks,
+            hidden,
+        )
         self.init_std, self.seed = float(init_std), seed
         self.blocks = nn.ModuleList(
             ResBlock(in_features, hidden, "identity" if l == 0 else "relu", bias) for l in range(num_blocks)
@@ -175,13 +215,20 @@ class ResMLP(nn.Module):
 
     def config(self) -> dict:
         """The constructor arguments (without dtype), enough to rebuild the same architecture."""
-        return dict(in_features=self.in_features, num_classes=self.num_classes, num_blocks=self.num_blocks,
-                    hidden=self.hidden, bias=self.blocks[0].out.bias is not None, init_std=self.init_std,
-                    seed=self.seed)
+        return dict(
+            in_features=self.in_features,
+            num_classes=self.num_classes,
+            num_blocks=self.num_blocks,
+            hidden=self.hidden,
+            bias=self.blocks[0].out.bias is not None,
+            init_std=self.init_std,
+            seed=self.seed,
+        )
 
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
-        """``C ~ N(0, 1/h)``, ``U`` = Q of a Gaussian's QR, ``W ~ N(0, init_std²)``, ``β = 0`` (float64, CPU)."""
+        """``C ~ N(0, 1/h)``, ``U`` = Q of a Gaussian's QR, ``W ~ N(0, init_std²)``, ``β = 0`` (float64,
+        CPU)."""
         gen = torch.Generator().manual_seed(self.seed if seed is None else seed)
         f64 = dict(generator=gen, dtype=torch.float64)
         for block in self.blocks:

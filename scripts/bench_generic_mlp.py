@@ -1,16 +1,18 @@
-"""Time exactgn's minimum-norm GN step on a plain MLP against Adam and an explicit torch.func Jacobian, in one process.
+"""Time exactgn's minimum-norm GN step on a plain MLP against Adam and an explicit torch.func Jacobian, in
+one process.
 
     PYTHONPATH=. python scripts/bench_generic_mlp.py [--batch 256] [--threads 1 2] [--baseline-batch 16]
 
 For each thread count: medians of a forward pass, an Adam step (forward, backward, update) and
-``exactgn.gn_direction(..., inverse="pinv")`` on MLP 784→1024→1024→10 (float32), their ratios to the Adam step,
-and the ratio the FLOP count (:func:`exactgn.gn_step_flops`) predicts; "of floor" = measured ratio / counted ratio.
+``exactgn.gn_direction(..., inverse="pinv")`` on MLP 784→1024→1024→10 (float32), their ratios to the Adam
+step, and the ratio the FLOP count (:func:`exactgn.gn_step_flops`) predicts; "of floor" = measured ratio /
+counted ratio.
 
-The alternative a user has without exactgn: ``J`` by ``vmap(jacrev)`` per sample, ``JJᵀ``, a Cholesky solve and
-``Jᵀu``. At ``B = 256`` its ``J`` alone is ``2560 × 1.86M`` floats (19 GB), so it is timed in full at
-``--baseline-batch`` and, at ``--batch``, extrapolated from its pieces timed on one chunk of that size (Jacobian
-and ``Jᵀu`` ∝ B, the Gram ∝ B², the Cholesky timed at full size). Accuracy: relative distance of each float32
-step to a float64 exactgn step (exact to 1e-8 against jacrev + pinv in the tests).
+The alternative a user has without exactgn: ``J`` by ``vmap(jacrev)`` per sample, ``JJᵀ``, a Cholesky solve
+and ``Jᵀu``. At ``B = 256`` its ``J`` alone is ``2560 × 1.86M`` floats (19 GB), so it is timed in full at
+``--baseline-batch`` and, at ``--batch``, extrapolated from its pieces timed on one chunk of that size
+(Jacobian and ``Jᵀu`` ∝ B, the Gram ∝ B², the Cholesky timed at full size). Accuracy: relative distance of
+each float32 step to a float64 exactgn step (exact to 1e-8 against jacrev + pinv in the tests).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import argparse
 import json
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.func import functional_call, jacrev, vmap
@@ -86,9 +88,13 @@ def measure(threads: int, batch: int, small: int, repeats: int) -> dict:
     t_gn = median_time(lambda: exactgn_step(model, x, y), repeats)
     flops = exactgn.gn_step_flops(model, x)
     out = {
-        "threads": threads, "batch": batch,
-        "forward_s": t_fwd, "adam_s": t_adam, "gn_pinv_s": t_gn,
-        "gn_over_adam": t_gn / t_adam, "counted_gn_over_adam": flops["gn_pinv_step"] / flops["adam_step"],
+        "threads": threads,
+        "batch": batch,
+        "forward_s": t_fwd,
+        "adam_s": t_adam,
+        "gn_pinv_s": t_gn,
+        "gn_over_adam": t_gn / t_adam,
+        "counted_gn_over_adam": flops["gn_pinv_step"] / flops["adam_step"],
         "gflop": {k: v / 1e9 for k, v in flops.items()},
     }
     out["of_floor"] = out["gn_over_adam"] / out["counted_gn_over_adam"]
@@ -115,10 +121,11 @@ def baseline(model, ref_model, x, y, small: int, repeats: int) -> dict:
     t_chol = median_time(lambda: torch.cholesky_solve(torch.ones(size, 1), torch.linalg.cholesky(spd)), 2)
     scale = x.shape[0] / small
     t_full = scale * (t_jac + t_jtu) + scale**2 * t_gram + t_chol
-    del jac
     return {
         "baseline_batch": small,
-        "explicit_small_s": t_small, "gn_pinv_small_s": t_ours_small, "explicit_over_ours_small": t_small / t_ours_small,
+        "explicit_small_s": t_small,
+        "gn_pinv_small_s": t_ours_small,
+        "explicit_over_ours_small": t_small / t_ours_small,
         "explicit_extrapolated_s": t_full,
         "explicit_pieces_s": {"jacobian": t_jac, "gram": t_gram, "jtu": t_jtu, "cholesky_full": t_chol},
         "rel_err_exactgn_f32": float((flat(ours.direction).double() - ref).norm() / ref.norm()),

@@ -35,7 +35,7 @@ def flat_trainable(direction: dict[str, torch.Tensor], model: nn.Module) -> torc
     return torch.cat([direction[n].reshape(-1) for n, p in model.named_parameters() if p.requires_grad])
 
 
-# ---------------------------------------------------------------------------- models the library did not define
+# ------------------------------------------------------------ models the library did not define
 class Bare(nn.Module):
     """No layers at all: two bare parameters, ``tanh(x W) * s``."""
 
@@ -90,7 +90,9 @@ class Reused(nn.Module):
 
 def _user_sequential(rng):
     torch.manual_seed(_seed(rng))
-    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 10), nn.SiLU(), nn.Linear(10, 10), nn.Softplus(), nn.Linear(10, 4))
+    net = nn.Sequential(
+        nn.Flatten(), nn.Linear(12, 10), nn.SiLU(), nn.Linear(10, 10), nn.Softplus(), nn.Linear(10, 4)
+    )
     net[3].requires_grad_(False)  # a frozen layer in the middle
     return net.double(), torch.randn(7, 3, 4, generator=rng, dtype=F64)
 
@@ -99,6 +101,7 @@ def _mlp(activation, bias):
     def make(rng):
         model = exactgn.MLP(12, 3, [10, 9], activation=activation, bias=bias, seed=_seed(rng), dtype=F64)
         return model, torch.randn(6, 12, generator=rng, dtype=F64)
+
     return make
 
 
@@ -106,6 +109,7 @@ def _resmlp(hidden):
     def make(rng):
         model = exactgn.ResMLP(8, 3, 2, hidden, init_std=0.3, seed=_seed(rng), dtype=F64)
         return model, torch.randn(6, 8, generator=rng, dtype=F64)
+
     return make
 
 
@@ -131,6 +135,7 @@ def _conv(batchnorm):
                 net[1].running_var.uniform_(0.5, 2.0)
             net.eval()
         return net, torch.randn(8, 1, 8, 8, generator=rng, dtype=F64)
+
     return make
 
 
@@ -143,6 +148,7 @@ def _simple(cls, shape):
     def make(rng):
         torch.manual_seed(_seed(rng))
         return cls().double(), torch.randn(*shape, generator=rng, dtype=F64)
+
     return make
 
 
@@ -178,7 +184,9 @@ def test_ntk_gram_is_j_jt(rng, name):
 
 
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("loss,hessian", [("cross_entropy", "identity"), ("cross_entropy", "exact"), ("mse", "exact")])
+@pytest.mark.parametrize(
+    "loss,hessian", [("cross_entropy", "identity"), ("cross_entropy", "exact"), ("mse", "exact")]
+)
 def test_pinv_step_is_the_moore_penrose_step(rng, name, loss, hessian):
     model, x = MODELS[name](rng)
     k = model(x).shape[1]
@@ -194,7 +202,9 @@ def test_pinv_step_is_the_moore_penrose_step(rng, name, loss, hessian):
 
 def test_direction_names_shapes_and_jvp(rng):
     model, x = _user_sequential(rng)
-    direction = exactgn.gn_direction(model, x, torch.randint(0, 4, (x.shape[0],), generator=rng), inverse="pinv")
+    direction = exactgn.gn_direction(
+        model, x, torch.randint(0, 4, (x.shape[0],), generator=rng), inverse="pinv"
+    )
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert list(direction) == list(trainable)
     assert all(direction[n].shape == p.shape and direction[n].dtype == F64 for n, p in trainable.items())
@@ -214,11 +224,15 @@ def _svd_pinv(a, cut):
 def test_regularised_step_matches_explicit_svd(rng, name, reg):
     model, x = MODELS[name](rng)
     k = model(x).shape[1]
-    result = exactgn.compute_direction(model, x, _targets(rng, x.shape[0], k, "mse"), loss="mse", inverse="pinv", **reg)
+    result = exactgn.compute_direction(
+        model, x, _targets(rng, x.shape[0], k, "mse"), loss="mse", inverse="pinv", **reg
+    )
     jac = brute_jacobian(model, x)
     v = result.v.reshape(-1)
     if "damping" in reg:
-        expected = jac.T @ torch.linalg.solve(jac @ jac.T + reg["damping"] * torch.eye(jac.shape[0], dtype=F64), v)
+        expected = jac.T @ torch.linalg.solve(
+            jac @ jac.T + reg["damping"] * torch.eye(jac.shape[0], dtype=F64), v
+        )
     else:
         smax = torch.linalg.matrix_norm(jac, 2)
         expected = _svd_pinv(jac, max(reg.get("rtol", 0) * smax, reg.get("atol", 0))) @ v
@@ -282,11 +296,13 @@ def test_gauss_newton_optimiser_steps_an_mlp(rng):
     assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits, y))
 
 
-# ---------------------------------------------------------------------------- what cannot be exact: clear errors
+# ------------------------------------------------------------ what cannot be exact: clear errors
 def test_batchnorm_in_training_mode_is_refused(rng):
     model, x = _conv(True)(rng)
     model.train()
-    with pytest.raises(UnsupportedModelError, match=r"module '1' \(BatchNorm2d\) is in training mode.*model.eval"):
+    with pytest.raises(
+        UnsupportedModelError, match=r"module '1' \(BatchNorm2d\) is in training mode.*model.eval"
+    ):
         exactgn.gn_direction(model, x, torch.zeros(8, dtype=torch.long), inverse="pinv")
     with pytest.raises(UnsupportedModelError, match="BatchNorm2d"):
         exactgn.ntk_gram(model, x)
@@ -343,7 +359,9 @@ def test_weights_used_outside_their_layer_are_caught(rng):
 
 def test_unmeetable_memory_bound(rng):
     model, x = _conv(False)(rng)
-    with pytest.raises(MemoryBoundError, match=r"parameter '0.weight' \(\(3, 1, 3, 3\)\) needs 2160 bytes.*memory_bound=2000"):
+    with pytest.raises(
+        MemoryBoundError, match=r"'0.weight' \(\(3, 1, 3, 3\)\) needs 2160 bytes.*memory_bound=2000"
+    ):
         exactgn.generic_ntk_gram(model, x, memory_bound=2000)
     with pytest.raises(ValueError, match="memory_bound must be a positive"):
         exactgn.generic_ntk_gram(model, x, memory_bound=0)
