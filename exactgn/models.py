@@ -8,7 +8,8 @@ dtype), biases start at zero, and ``init_std`` sets the standard deviation of th
 * ``ResMLP``: RevMLP's inverted-bottleneck blocks with additive skips, not reversible: block ``l`` maps
   ``z ↦ z + φ(z C_l) W_lᵀ + β_l`` (``C_l`` fixed ``d × h``, ``N(0, 1/h)``; ``W_l`` ``d × h`` trainable), the
   first block with the identity activation, and logits ``z_L U`` with a fixed orthonormal ``U`` (``d × k``).
-  A block holds ``d·h + d`` parameters, as a RevMLP block does, so equal ``(d, h, L)`` means equal counts.
+  A block holds ``d·h + d`` parameters, as a RevMLP block does, so equal ``(d, h, L)`` means equal counts
+  (without a bottleneck, ``hidden=None``, a ResMLP block holds ``d² + d``, a RevMLP block ``d²/2 + d``).
 """
 
 from __future__ import annotations
