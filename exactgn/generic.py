@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_MEMORY_BOUND",
     "UnsupportedModelError",
     "MemoryBoundError",
+    "RightInverseError",
     "generic_direction",
     "generic_ntk_gram",
     "generic_jvp_logits",
@@ -45,6 +46,20 @@ DEFAULT_MEMORY_BOUND = 2**30
 
 class UnsupportedModelError(ExactGNError, ValueError):
     """The model cannot have an exact per-sample GN step as it stands (e.g. samples interact)."""
+
+
+class RightInverseError(ExactGNError, TypeError, ValueError):
+    """``inverse="right"`` was asked of a model that is not a :class:`~exactgn.RevMLP`."""
+
+
+def check_right_inverse(model: object, inverse: str) -> None:
+    """Raises :class:`RightInverseError` for ``inverse="right"`` on anything but a RevMLP."""
+    if inverse == "right":
+        raise RightInverseError(
+            f"inverse='right' (the tractable right inverse J♭) exists only for an exactgn.RevMLP, whose "
+            f"coupling blocks can be inverted; got {type(model).__name__}. Use inverse='pinv' (the exact "
+            "minimum-norm step J⁺v)."
+        )
 
 
 class MemoryBoundError(ExactGNError, MemoryError):
@@ -117,14 +132,8 @@ def _prepare_inputs(inputs: Tensor, like: Tensor) -> Tensor:
     return inputs.to(device=like.device, dtype=like.dtype)
 
 
-def _check_exactness(batch: int, k: int, params: int, inverse: str, lenient: bool) -> None:
+def _check_exactness(batch: int, k: int, params: int, lenient: bool) -> None:
     rows = batch * k
-    if inverse == "right":
-        raise ValueError(
-            "inverse='right' (the tractable right inverse J♭) exists only for an exactgn.RevMLP, whose "
-            "coupling blocks can be inverted; for any other model use inverse='pinv' (the exact "
-            "minimum-norm step J⁺v)."
-        )
     if rows > params and not lenient:
         raise InexactStepError(
             f"inverse='pinv' needs J (batch·k = {rows} rows) to have full row rank, but the model has only "
@@ -435,6 +444,7 @@ def generic_direction(
     check_choice("loss", loss, LOSSES)
     check_choice("hessian", hessian, HESSIANS)
     check_choice("inverse", inverse, INVERSES)
+    check_right_inverse(model, inverse)
     reg = Regularisation(rtol, atol, damping)
     _check_bound(memory_bound)
     trainable = _trainable(model)
@@ -443,9 +453,7 @@ def generic_direction(
     logits = capture.logits
     batch, k = logits.shape
     rows = as_target_rows(targets, k, batch, logits.detach(), loss)
-    _check_exactness(
-        batch, k, sum(p.numel() for p in trainable.values()), inverse, least_squares or not reg.exact
-    )
+    _check_exactness(batch, k, sum(p.numel() for p in trainable.values()), least_squares or not reg.exact)
     with torch.no_grad():
         v = newton_target(logits.detach(), rows, loss, hessian)
     ntk, cots = _gram(model, inputs, capture, memory_bound)

@@ -64,11 +64,10 @@ class GaussNewton(torch.optim.Optimizer):
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"GaussNewton needs a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(model, RevMLP) and inverse == "right":
-            raise ValueError(
-                f"inverse='right' (the tractable right inverse J♭) exists only for an exactgn.RevMLP; for "
-                f"{type(model).__name__} pass inverse='pinv' (the exact minimum-norm step)."
-            )
+        if not isinstance(model, RevMLP):
+            from .generic import check_right_inverse
+
+            check_right_inverse(model, inverse)
         defaults = dict(
             lr=lr, loss=loss, hessian=hessian, inverse=inverse, rtol=rtol, atol=atol, damping=damping,
             least_squares=least_squares, weight_decay=weight_decay, noise=noise, solve_dtype=solve_dtype,
