@@ -355,6 +355,11 @@ def compute_direction(
     solve_dtype: torch.dtype | None = None,
 ) -> GNResult:
     """:func:`gn_direction` with everything it computed on the way (logits, loss, ``v``, solve reports)."""
+    if not isinstance(model, RevMLP):  # any other module: exactgn.generic (inverse="pinv" only)
+        from .generic import generic_direction
+
+        return generic_direction(model, inputs, targets, loss=loss, hessian=hessian, inverse=inverse, rtol=rtol,
+                                 atol=atol, damping=damping, least_squares=least_squares, solve_dtype=solve_dtype)
     model = _check_model(model)
     check_choice("loss", loss, LOSSES)
     check_choice("hessian", hessian, HESSIANS)
@@ -390,7 +395,8 @@ def gn_direction(
     """The Gauss–Newton direction on a batch; the update is ``θ ← θ − lr·direction``.
 
     Args:
-        model: a :class:`RevMLP`.
+        model: a :class:`RevMLP`, or any ``torch.nn.Module`` mapping ``B × …`` to logits ``B × k`` with
+            ``inverse="pinv"`` (see :mod:`exactgn.generic`).
         inputs: ``B × d`` (or images that flatten to ``d``).
         targets: class indices (``B``, integer) or rows (``B × k``, floating).
         loss: ``"cross_entropy"`` or ``"mse"``.
@@ -416,6 +422,10 @@ def gn_direction(
 
 def ntk_gram(model: RevMLP, inputs: Tensor) -> Tensor:
     """The exact empirical NTK ``JJᵀ`` of the logits on a batch (``Bk × Bk``, row/column ``i·k + c``)."""
+    if not isinstance(model, RevMLP):
+        from .generic import generic_ntk_gram
+
+        return generic_ntk_gram(model, inputs)
     model = _check_model(model)
     with torch.no_grad():
         _, records = model.trace(inputs)
@@ -427,6 +437,10 @@ def jvp_logits(model: RevMLP, inputs: Tensor, delta: dict[str, Tensor]) -> Tenso
 
     ``delta`` maps parameter names to tensors shaped like the parameters (missing names count as zero).
     """
+    if not isinstance(model, RevMLP):
+        from .generic import generic_jvp_logits
+
+        return generic_jvp_logits(model, inputs, delta)
     model = _check_model(model)
     unknown = set(delta) - {name for name, _ in model.named_parameters()}
     if unknown:
