@@ -12,13 +12,31 @@ from .errors import ExactGNError, InexactStepError, NonFiniteError
 from .gn import GNResult, compute_direction, gn_direction, jvp_logits, ntk_gram, output_cotangents
 from .linalg import GramFallbackWarning, Regularisation, gram_solve
 from .losses import loss_value, newton_target
+from .generic import (
+    MemoryBoundError,
+    RightInverseError,
+    UnsupportedModelError,
+    generic_direction,
+    generic_ntk_gram,
+    gn_step_flops,
+)
 from .model import RevMLP
+from .models import MLP, ResMLP, mlp_width_for
 from .optim import GaussNewton
 
 __version__ = "0.1.0"
 
 __all__ = [
     "RevMLP",
+    "MLP",
+    "ResMLP",
+    "mlp_width_for",
+    "generic_direction",
+    "generic_ntk_gram",
+    "gn_step_flops",
+    "UnsupportedModelError",
+    "MemoryBoundError",
+    "RightInverseError",
     "GaussNewton",
     "gn_direction",
     "compute_direction",

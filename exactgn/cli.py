@@ -265,6 +265,9 @@ def _add_report(sub: Sub) -> None:
     p.add_argument("--probe-size", type=int, default=256, help="probe images for --cross-cka (default 256)")
     p.add_argument("--data-root", metavar="DIR", help="data root for --cross-cka (default: the runs' data.root, "
                    "else $EXACTGN_DATA)")
+    p.add_argument("--matched-loss", type=float, metavar="LOSS",
+                   help="with several runs: add a table of each run's diagnostics at the first record whose "
+                   "training loss is at or below LOSS (comparisons at matched training loss, not matched steps)")
     p.set_defaults(func=_run_report)
 
 
@@ -272,7 +275,7 @@ def _run_report(args: argparse.Namespace) -> int:
     from .lab.report import make_report
 
     page = make_report(args.run_dirs, args.out, band=args.band, title=args.title, cross_cka=args.cross_cka,
-                       probe_size=args.probe_size, data_root=args.data_root)
+                       probe_size=args.probe_size, data_root=args.data_root, matched_loss=args.matched_loss)
     pngs = sorted(p.name for p in page.parent.glob("*.png"))
     print(f"wrote {page} and {len(pngs)} figure(s) in {page.parent}")
     return 0

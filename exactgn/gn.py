@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .errors import InexactStepError
-from .linalg import Regularisation, SolveInfo, gram_solve
+from .linalg import Regularisation, RowFactor, SolveInfo, symmetric_matmul, factor_rows, gram_solve
 from .losses import HESSIANS, LOSSES, as_target_rows, check_choice, loss_value, newton_target
 from .model import HalfLayerRecord, RevMLP
 
@@ -57,15 +57,16 @@ class GNResult:
 
     @property
     def exact(self) -> bool:
-        """True when every solve was an unregularised Cholesky solve."""
-        return all(s.method == "cholesky" for s in self.solves)
+        """True when every solve was an exact one (an unregularised Cholesky or QR solve)."""
+        return all(s.method in ("cholesky", "qr") for s in self.solves)
 
 
 # ---------------------------------------------------------------------------- shared pieces
 GRAM_CHUNKS = 8  # row chunks of the lower-triangle Grams (more chunks: less work, smaller products)
 
 
-def _chunk_edges(batch: int) -> list[int]:
+def chunk_edges(batch: int) -> list[int]:
+    """Row boundaries of the :data:`GRAM_CHUNKS` chunks in which Grams of ``batch`` rows are computed."""
     return torch.linspace(0, batch, min(GRAM_CHUNKS, batch) + 1).round().long().tolist()
 
 
@@ -78,7 +79,7 @@ def activation_gram(record: HalfLayerRecord, *, lower: bool = False) -> Tensor:
     feats = record.features
     if lower:
         gram = feats.new_zeros(feats.shape[0], feats.shape[0])
-        edges = _chunk_edges(feats.shape[0])
+        edges = chunk_edges(feats.shape[0])
         for lo, hi in zip(edges[:-1], edges[1:]):
             torch.mm(feats[lo:hi], feats[:hi].T, out=gram[lo:hi, :hi])
     else:
@@ -105,7 +106,7 @@ def _with_ones(x: Tensor, bias: bool) -> Tensor:
 
 def _column_step(
     record: HalfLayerRecord, rhs: Tensor, reg: Regularisation, solve_dtype: torch.dtype | None
-) -> tuple[dict[str, Tensor], SolveInfo]:
+) -> tuple[dict[str, Tensor], SolveInfo, Tensor]:
     """``ΔΘ = (A⁺ R)ᵀ`` through a small column Gram, for a batch larger than the rank bound of ``A``.
 
     ``A`` (``B × (h+1)``) is replaced by a matrix ``M`` (``B × c``, ``c`` = the rank bound) with the same
@@ -116,6 +117,8 @@ def _column_step(
     what they mean for ``A``. ``M`` is often rank-deficient (constant pixels, dead features), and the normal
     equations are consistent, so a Cholesky solve would pass its residual check while adding null-space components
     of any size: the unregularised solve is the minimum-norm eigen-solve (``min_norm=True``).
+
+    Also returns ``A ΔΘᵀ = M M⁺R`` (``B × n``), the change of the half-layer's output the step makes.
     """
     layer, bias, name = record.layer, record.layer.bias is not None, record.name
     factored = layer.activation == "identity" and layer.proj is not None and layer.width > layer.n
@@ -130,19 +133,60 @@ def _column_step(
     out = {f"{name}.weight": top.T @ q if factored else top.T}
     if bias:
         out[f"{name}.bias"] = coef[-1]
-    return out, SolveInfo(f"{info.method}-columns", info.size, info.rank)
+    return out, SolveInfo(f"{info.method}-columns", info.size, info.rank), cols @ coef
+
+
+def _basis_step(record: HalfLayerRecord, full: Tensor) -> dict[str, Tensor]:
+    """Split ``ΔΘ`` (``n × (width + 1)`` with a bias, ``n × width`` without) into the half-layer's parameters."""
+    if record.layer.bias is None:
+        return {f"{record.name}.weight": full}
+    return {f"{record.name}.weight": full[:, :-1], f"{record.name}.bias": full[:, -1]}
+
+
+def _made(record: HalfLayerRecord, step: dict[str, Tensor]) -> Tensor:
+    """``A ΔΘᵀ`` (``B × n``): the change of the half-layer's output that its parameter change ``step`` makes."""
+    out = record.features @ step[f"{record.name}.weight"].T
+    bias = step.get(f"{record.name}.bias")
+    return out if bias is None else out + bias
 
 
 def _half_layer_step(
-    record: HalfLayerRecord, rhs: Tensor, reg: Regularisation, solve_dtype: torch.dtype | None, warn: bool
-) -> tuple[dict[str, Tensor], SolveInfo]:
-    """``(A⁺ R)ᵀ`` (regularised) for one half-layer: the ``B × B`` Gram while ``A`` can have full row rank,
-    else the smaller column Gram (a least-squares step)."""
+    record: HalfLayerRecord, rhs: Tensor, reg: Regularisation, solve_dtype: torch.dtype | None, warn: bool,
+    factor: RowFactor | None,
+) -> tuple[dict[str, Tensor], SolveInfo, Tensor | None]:
+    """``(A⁺ R)ᵀ`` (regularised) for one half-layer, and ``A ΔΘᵀ``, the output change it makes (``None``: ``R``).
+
+    Exact solves use ``factor`` (:func:`exactgn.linalg.factor_rows`: the ``B × B`` Gram, or a QR of ``Aᵀ`` where
+    the Gram would lose accuracy); regularised ones the ``B × B`` Gram's eigen-decomposition or damped Cholesky;
+    a batch above the rank bound of ``A`` the smaller column Gram (a least-squares step).
+    """
     if rhs.shape[0] > record.layer.rank_bound:
         return _column_step(record, rhs, reg, solve_dtype)
-    coeffs, info = gram_solve(activation_gram(record, lower=True), rhs, reg, solve_dtype=solve_dtype,
-                              lower_only=True, warn=warn, what=f"{record.name} activation Gram")
-    return _param_step(record, coeffs), info
+    if factor is not None:
+        sol = factor.solve(rhs)
+        if factor.method == "cholesky":
+            return _param_step(record, sol), factor.info, None
+        step = _basis_step(record, (factor.basis @ sol.to(factor.basis.dtype)).T.to(rhs.dtype))
+        return step, factor.info, None if factor.method == "qr" else _made(record, step)
+    gram = activation_gram(record, lower=True)
+    coeffs, info = gram_solve(gram, rhs, reg, solve_dtype=solve_dtype, lower_only=True, warn=warn,
+                              what=f"{record.name} activation Gram")
+    return _param_step(record, coeffs), info, symmetric_matmul(gram, coeffs, True)
+
+
+def _row_factors(
+    records: list[HalfLayerRecord], batch: int, reg: Regularisation, solve_dtype: torch.dtype | None, warn: bool
+) -> dict[int, RowFactor]:
+    """Factorisations for the exact solves of every half-layer that can take one, in one batch (one sync)."""
+    if not reg.exact:
+        return {}
+    idx = [j for j, rec in enumerate(records) if batch <= rec.layer.rank_bound]
+    if not idx:
+        return {}
+    grams = [activation_gram(records[j], lower=True) for j in idx]
+    mats = [lambda rec=records[j]: _with_ones(rec.features, rec.layer.bias is not None) for j in idx]
+    names = [f"{records[j].name} activation matrix" for j in idx]
+    return dict(zip(idx, factor_rows(grams, mats, solve_dtype=solve_dtype, warn=warn, names=names)))
 
 
 def _split(model: RevMLP, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -180,7 +224,7 @@ def _ntk_lower(records: list[HalfLayerRecord], cotangents: list[Tensor]) -> Tens
     k, batch, n = cotangents[0].shape
     size = batch * k
     ntk = cotangents[0].new_zeros(size, size)
-    edges = _chunk_edges(batch)
+    edges = chunk_edges(batch)
     for rec, m in zip(records, cotangents):
         gram = activation_gram(rec, lower=True)
         if m.stride(1) == 0:  # the same cotangent for every sample (the last half-layer): a k × k Gram
@@ -197,29 +241,47 @@ def _ntk_lower(records: list[HalfLayerRecord], cotangents: list[Tensor]) -> Tens
     return ntk
 
 
-def _symmetrise_lower(lower: Tensor) -> Tensor:
+def symmetrise_lower(lower: Tensor) -> Tensor:
     """Full symmetric matrix from its lower triangle."""
     return torch.tril(lower) + torch.tril(lower, -1).T
+
+
+def _lift(model: RevMLP, v: Tensor) -> Tensor:
+    """``δz`` (``B × d``) with ``δz U = v`` exactly: the minimum-norm ``v (UᵀU)⁻¹Uᵀ``.
+
+    ``U`` has orthonormal columns only to the precision it was drawn in (``Uᵀ`` is not its inverse after a
+    float32 → float64 cast or checkpoint load), so the lift solves with ``UᵀU`` (``k × k``).
+    """
+    u = model.readout
+    return v @ torch.linalg.solve(u.T @ u, u.T)
 
 
 def _right_inverse(
     model: RevMLP, records: list[HalfLayerRecord], v: Tensor, reg: Regularisation, solve_dtype: torch.dtype | None,
     warn: bool,
 ) -> tuple[dict[str, Tensor], list[SolveInfo]]:
-    """``J♭ v`` (DESIGN §3a), including the ``1/L``."""
+    """``J♭ v`` (DESIGN §3a, the reference's rule), including the ``1/L``.
+
+    Walking from the last block to the first, each block ``l`` targets the state change ``δz_l`` that realises
+    ``δz_L`` with everything else fixed: F solves for ``δa'``; G for what is left of ``δb'`` once the change of
+    ``a'`` that F's step *makes* (``A_F ΔΘ_Fᵀ``, equal to ``δa'`` when F's solve is exact) has passed through G;
+    the block below gets the JVP of this block's inverse applied to the asked ``δz_l``.
+    """
     direction: dict[str, Tensor] = {}
     solves: list[SolveInfo] = []
-    d_a, d_b = _split(model, v @ model.readout.T)
+    factors = _row_factors(records, v.shape[0], reg, solve_dtype, warn)
+    d_a, d_b = _split(model, _lift(model, v))
     for l in reversed(range(model.num_blocks)):
         rec_f, rec_g = records[2 * l], records[2 * l + 1]
-        step, info_f = _half_layer_step(rec_f, d_a, reg, solve_dtype, warn)
+        step, info_f, made = _half_layer_step(rec_f, d_a, reg, solve_dtype, warn, factors.get(2 * l))
         direction.update(step)
-        # G must produce what is left of δb' once the change δa' of its input is accounted for.
-        d_b = d_b - rec_g.layer.jvp(d_a, rec_g.mask)
-        step, info_g = _half_layer_step(rec_g, d_b, reg, solve_dtype, warn)
+        asked = rec_g.layer.jvp(d_a, rec_g.mask) if made is None or l > 0 else None
+        through_g = asked if made is None else rec_g.layer.jvp(made, rec_g.mask)
+        step, info_g, _ = _half_layer_step(rec_g, d_b - through_g, reg, solve_dtype, warn, factors.get(2 * l + 1))
         direction.update(step)
         solves[:0] = [info_f, info_g]
         if l > 0:  # the input change of this block that the blocks below must realise
+            d_b = d_b - asked
             d_a = d_a - rec_f.layer.jvp(d_b, rec_f.mask)
     scale = 1.0 / model.num_blocks
     return {name: t.mul_(scale) for name, t in direction.items()}, solves
@@ -297,6 +359,11 @@ def compute_direction(
     solve_dtype: torch.dtype | None = None,
 ) -> GNResult:
     """:func:`gn_direction` with everything it computed on the way (logits, loss, ``v``, solve reports)."""
+    if not isinstance(model, RevMLP):  # any other module: exactgn.generic (inverse="pinv" only)
+        from .generic import generic_direction
+
+        return generic_direction(model, inputs, targets, loss=loss, hessian=hessian, inverse=inverse, rtol=rtol,
+                                 atol=atol, damping=damping, least_squares=least_squares, solve_dtype=solve_dtype)
     model = _check_model(model)
     check_choice("loss", loss, LOSSES)
     check_choice("hessian", hessian, HESSIANS)
@@ -332,13 +399,17 @@ def gn_direction(
     """The Gauss–Newton direction on a batch; the update is ``θ ← θ − lr·direction``.
 
     Args:
-        model: a :class:`RevMLP`.
+        model: a :class:`RevMLP`, or any ``torch.nn.Module`` mapping ``B × …`` to logits ``B × k`` with
+            ``inverse="pinv"`` (see :mod:`exactgn.generic`).
         inputs: ``B × d`` (or images that flatten to ``d``).
         targets: class indices (``B``, integer) or rows (``B × k``, floating).
         loss: ``"cross_entropy"`` or ``"mse"``.
         hessian: ``"exact"`` or ``"identity"`` (cross-entropy only; MSE's Hessian is the identity).
         inverse: ``"right"`` — the tractable right inverse ``J♭`` scaled by ``1/L`` so that
-            ``J·direction = v`` (DESIGN §3a); ``"pinv"`` — the minimum-norm step ``J⁺v`` (§3b).
+            ``J·direction = v`` (DESIGN §3a), the reference's rule: the reference's step is ``c·L·direction``
+            with ``c = 1`` for cross-entropy with the identity Hessian and ``c = 2`` for MSE (its target is the
+            gradient ``2(o − y)``, not ``H⁺g = o − y``), so a reference MSE learning rate ``lr`` is ``2·L·lr``
+            here; ``"pinv"`` — the minimum-norm step ``J⁺v`` (§3b).
         rtol, atol: truncate singular values ``≤ max(rtol·σ_max, atol)`` of each pseudo-inverse.
         damping: ``λ`` in ``Aᵀ(AAᵀ + λI)⁻¹``.
         least_squares: accept a batch too large for the step to be exact (otherwise that is an error).
@@ -355,10 +426,14 @@ def gn_direction(
 
 def ntk_gram(model: RevMLP, inputs: Tensor) -> Tensor:
     """The exact empirical NTK ``JJᵀ`` of the logits on a batch (``Bk × Bk``, row/column ``i·k + c``)."""
+    if not isinstance(model, RevMLP):
+        from .generic import generic_ntk_gram
+
+        return generic_ntk_gram(model, inputs)
     model = _check_model(model)
     with torch.no_grad():
         _, records = model.trace(inputs)
-        return _symmetrise_lower(_ntk_lower(records, output_cotangents(model, records)))
+        return symmetrise_lower(_ntk_lower(records, output_cotangents(model, records)))
 
 
 def jvp_logits(model: RevMLP, inputs: Tensor, delta: dict[str, Tensor]) -> Tensor:
@@ -366,6 +441,10 @@ def jvp_logits(model: RevMLP, inputs: Tensor, delta: dict[str, Tensor]) -> Tenso
 
     ``delta`` maps parameter names to tensors shaped like the parameters (missing names count as zero).
     """
+    if not isinstance(model, RevMLP):
+        from .generic import generic_jvp_logits
+
+        return generic_jvp_logits(model, inputs, delta)
     model = _check_model(model)
     unknown = set(delta) - {name for name, _ in model.named_parameters()}
     if unknown:

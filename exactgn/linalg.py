@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .precision import unit_roundoff
 
-__all__ = ["Regularisation", "SolveInfo", "GramFallbackWarning", "gram_solve"]
+__all__ = ["Regularisation", "SolveInfo", "GramFallbackWarning", "gram_solve", "RowFactor", "factor_rows", "GRAM_MAX_COND", "RANK_TOL"]
 
 
 class GramFallbackWarning(RuntimeWarning):
@@ -56,7 +56,8 @@ class Regularisation:
 
 @dataclass
 class SolveInfo:
-    """How one Gram solve went: ``method`` is ``"cholesky"``, ``"eigh"`` (truncation asked for),
+    """How one Gram solve went: ``method`` is ``"cholesky"`` (``"cholesky-damped"`` with damping), ``"qr"`` (a QR
+    of ``Aᵀ``, :func:`factor_rows`), ``"svd-fallback"`` (``A`` numerically rank-deficient), ``"eigh"`` (truncation),
     ``"eigh-fallback"`` (Cholesky failed) or ``"eigh-lstsq"`` (a minimum-norm solve was asked for);
     ``rank`` is how many directions were kept out of ``size``."""
 
@@ -102,9 +103,9 @@ def gram_solve(
         factor, status = torch.linalg.cholesky_ex(system)
         if int(status) == 0:
             sol = torch.cholesky_solve(rhs, factor)
-            residual = float((_symmetric_matmul(system, sol, lower_only) - rhs).norm() / rhs.norm().clamp_min(1e-300))
+            residual = float((symmetric_matmul(system, sol, lower_only) - rhs).norm() / rhs.norm().clamp_min(1e-300))
             if residual <= (2 * unit_roundoff(system.dtype)) ** 0.5:
-                return sol.to(out_dtype), SolveInfo("cholesky", n, n)
+                return sol.to(out_dtype), SolveInfo("cholesky-damped" if reg.damping else "cholesky", n, n)
             reason = f"its Cholesky solve leaves a relative residual of {residual:.1e}"
         else:
             reason = f"Cholesky failed at column {int(status)}"
@@ -130,9 +131,134 @@ def gram_solve(
     return sol.to(out_dtype), SolveInfo(method, n, int(keep.sum()))
 
 
-def _symmetric_matmul(sym: Tensor, x: Tensor, lower_only: bool) -> Tensor:
+def symmetric_matmul(sym: Tensor, x: Tensor, lower_only: bool) -> Tensor:
     """``K x`` for symmetric ``K``; with ``lower_only`` only its lower triangle is read."""
     if not lower_only:
         return sym @ x
     low = torch.tril(sym)
     return low @ x + low.T @ x - sym.diagonal()[:, None] * x
+
+
+# ---------------------------------------------------------------------------- exact row solves A⁺R (DESIGN §3a)
+#: Largest estimated ``cond(A)`` at which an exact right-inverse solve goes through the Gram ``AAᵀ``. The Gram's
+#: error is ``≈ c·u·cond(A)²`` and a QR factorisation's ``≈ c′·u·cond(A)`` (c, c′ ≈ 0.1–1, measured), so below
+#: this cut the Gram's error is within this factor of QR's and both grow like ``u·cond(A)``; above it, QR.
+GRAM_MAX_COND = 64.0
+#: ``u·cond(A)`` above which a QR factorisation counts ``A`` as numerically rank-deficient: the solve then drops
+#: singular values below ``u/RANK_TOL·σ_max`` (an SVD of the small factor) and the step is a least-squares one.
+RANK_TOL = 1e-2
+_POWER_STEPS = 6
+
+
+@dataclass
+class RowFactor:
+    """A factorisation of a wide activation matrix ``A`` (``B × c``) that solves ``A⁺R`` for any ``R``.
+
+    ``method`` ``"cholesky"``: ``lower`` is ``L`` with ``AAᵀ = LLᵀ``, and :meth:`solve` returns ``S`` (``B × m``)
+    with ``A⁺R = AᵀS``. ``"qr"``/``"svd-fallback"``: ``basis`` (``c × r``, orthonormal columns) and :meth:`solve`
+    returns ``Y`` (``r × m``) with ``A⁺R = basis·Y``. ``cond`` is the estimated ``cond(A)``.
+    """
+
+    method: str
+    info: SolveInfo
+    cond: float
+    lower: Tensor | None = None
+    basis: Tensor | None = None
+    coef: Tensor | None = None  # svd-fallback: Σ⁺Vᵀ (r × B)
+
+    def solve(self, rhs: Tensor) -> Tensor:
+        """``S`` (Gram route) or ``Y`` (basis route) for ``rhs`` (``B × m``), in ``rhs``'s dtype."""
+        factor = self.lower if self.lower is not None else self.coef
+        x = rhs.to(factor.dtype)
+        if self.method == "cholesky":
+            out = torch.cholesky_solve(x, self.lower)
+        elif self.method == "qr":
+            out = torch.linalg.solve_triangular(self.lower, x, upper=False)
+        else:
+            out = self.coef @ x
+        return out.to(rhs.dtype)
+
+
+def _cond_estimate(lower: Tensor) -> Tensor:
+    """Estimated ``cond(A) = √(λ_max/λ_min)`` of ``K = LLᵀ`` for lower-triangular ``L`` (``... × B × B``).
+
+    Block power iterations on ``K`` and on ``K⁻¹`` (triangular solves), from fixed start vectors; like LAPACK's
+    condition estimators this is an estimate (it approaches the true value from below), computed on the device.
+    """
+    size = lower.shape[-1]
+    idx = torch.arange(size, dtype=lower.dtype, device=lower.device)[:, None]
+    start = torch.cat([torch.ones_like(idx), torch.cos(idx * 2.1 + 0.3), torch.sin(idx * 0.77), (-1.0) ** idx], 1)
+    start = start.expand(*lower.shape[:-2], size, 4)
+    big, small = start, start
+    for _ in range(_POWER_STEPS):
+        big = lower @ (lower.mT @ _unit(big))
+        small = torch.linalg.solve_triangular(lower.mT, torch.linalg.solve_triangular(lower, _unit(small), upper=False),
+                                              upper=True)
+    lam_max = big.norm(dim=-2).amax(-1)
+    inv_min = small.norm(dim=-2).amax(-1)
+    return (lam_max * inv_min).sqrt()
+
+
+def _unit(x: Tensor) -> Tensor:
+    return x / x.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def factor_rows(
+    grams: list[Tensor],
+    matrices: list,
+    *,
+    solve_dtype: torch.dtype | None = None,
+    warn: bool = True,
+    names: list[str] | None = None,
+) -> list[RowFactor]:
+    """Factorise wide activation matrices ``A_j`` (``B × c_j``) for exact, unregularised solves ``A_j⁺R``.
+
+    ``grams``: the ``B × B`` Grams ``A_jA_jᵀ`` (only the lower triangle is read); ``matrices``: callables giving
+    ``A_j`` itself, called only when the Gram route is not accurate enough. All Grams are Cholesky-factorised and
+    their conditioning estimated in one batch, with one device synchronisation; a Gram whose Cholesky fails or whose
+    ``cond(A)`` estimate exceeds :data:`GRAM_MAX_COND` is replaced by a QR factorisation of ``Aᵀ`` (error
+    ``∝ u·cond(A)`` instead of ``u·cond(A)²``). A numerically rank-deficient ``A`` (``u·cond(A) > RANK_TOL``) gets
+    the minimum-norm least-squares solve and, with ``warn``, a :class:`GramFallbackWarning`.
+    """
+    names = names or [f"matrix {j}" for j in range(len(grams))]
+    stack = torch.stack(grams)
+    if solve_dtype is not None:
+        stack = stack.to(solve_dtype)
+    lower, status = torch.linalg.cholesky_ex(stack)
+    cond = _cond_estimate(lower)
+    flags = torch.stack([status.to(cond.dtype), cond]).tolist()  # the one synchronisation
+    out = []
+    for j, (bad, kappa) in enumerate(zip(*flags)):
+        if bad == 0 and math.isfinite(kappa) and kappa <= GRAM_MAX_COND:
+            out.append(RowFactor("cholesky", SolveInfo("cholesky", stack.shape[-1], stack.shape[-1]), kappa, lower[j]))
+        else:
+            out.append(_qr_factor(matrices[j](), solve_dtype, warn, names[j]))
+    return out
+
+
+def _qr_factor(a: Tensor, solve_dtype: torch.dtype | None, warn: bool, name: str) -> RowFactor:
+    """QR of ``Aᵀ`` (``A``: ``B × c``, ``B ≤ c``); an SVD of ``R`` when ``A`` is numerically rank-deficient."""
+    if solve_dtype is not None:
+        a = a.to(solve_dtype)
+    size = a.shape[0]
+    q, r = torch.linalg.qr(a.T)
+    kappa = float(_cond_estimate(r.T))
+    u = unit_roundoff(a.dtype)
+    if math.isfinite(kappa) and u * kappa <= RANK_TOL:
+        return RowFactor("qr", SolveInfo("qr", size, size), kappa, lower=r.T, basis=q)
+    # Aᵀ = Q R = (Q U) Σ Vᵀ, so A⁺ = (Q U) Σ⁺ Vᵀ.
+    left, sigma, right_t = torch.linalg.svd(r)
+    keep = sigma > sigma[0] * u / RANK_TOL
+    rank = int(keep.sum())
+    if warn:
+        warnings.warn(
+            f"{name} ({size} samples) does not have numerically full row rank (estimated condition number "
+            f"{kappa:.1e}, {rank} of {size} singular values above {u / RANK_TOL:.0e}·σ_max): solving by least squares "
+            "without its null space: this step is a least-squares step, not an exact one. Use a smaller batch, "
+            "float64, damping or truncation.",
+            GramFallbackWarning,
+            stacklevel=4,
+        )
+    basis = q @ left[:, keep]
+    coef = right_t[keep] / sigma[keep, None]
+    return RowFactor("svd-fallback", SolveInfo("svd-fallback", size, rank), kappa, basis=basis, coef=coef)

@@ -32,7 +32,8 @@ class GaussNewton(torch.optim.Optimizer):
     ``backward()``. Learning-rate schedulers and ``state_dict``/``load_state_dict`` work as usual.
 
     Args:
-        model: the :class:`RevMLP` to train.
+        model: the :class:`RevMLP` to train, or any ``torch.nn.Module`` with ``inverse="pinv"``
+            (:mod:`exactgn.generic`).
         lr: learning rate. With ``lr=1`` the linearised model fits ``v`` exactly on the batch.
         params: optional parameter groups (each with its own ``lr``, ``weight_decay``, ``noise``); together they
             must hold every trainable parameter of ``model``, since the GN direction moves all of them.
@@ -62,8 +63,12 @@ class GaussNewton(torch.optim.Optimizer):
         noise: float = 0.0,
         solve_dtype: str | None = None,
     ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"GaussNewton needs a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(model, RevMLP):
-            raise TypeError(f"GaussNewton needs an exactgn.RevMLP, got {type(model).__name__}")
+            from .generic import check_right_inverse
+
+            check_right_inverse(model, inverse)
         defaults = dict(
             lr=lr, loss=loss, hessian=hessian, inverse=inverse, rtol=rtol, atol=atol, damping=damping,
             least_squares=least_squares, weight_decay=weight_decay, noise=noise, solve_dtype=solve_dtype,

@@ -3,6 +3,12 @@
     python scripts/study_tables.py diagnostics RUN_DIR...          # one row per run: NTK, CKA, weights (last record)
     python scripts/study_tables.py seeds SWEEP_DIR...              # per (inverse) setting: mean ± std over seeds
     python scripts/study_tables.py summary STUDY_DIR...            # one row per run of a study (results.csv + diagnostics)
+    python scripts/study_tables.py matched --matched-loss 0.3 DIR...    # diagnostics at matched training loss
+    python scripts/study_tables.py cross-cka --matched-loss 0.3 DIR...  # CKA GN vs Adam/SGD (same seed)
+
+``matched`` and ``cross-cka`` take run folders or folders of run folders and follow the rule of
+exactgn.lab.evidence: each run at its first record (or kept checkpoint, for cross-cka) whose training loss is at or
+below the target; runs that never get there are rows saying so. ``--csv FILE`` also writes the table as CSV (e.g. for results/).
 
 Reads only the run-folder files of docs/run-folder.md (config.toml, meta.json, epochs.csv, steps.csv,
 diagnostics.jsonl).
@@ -170,15 +176,53 @@ def summary_table(folders: Sequence[Path]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def _write_csv(path: Path, head: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(head)
+        writer.writerows(rows)
+
+
+def matched_tables(kind: str, paths: Sequence[Path], target: float, probe_size: int | None = None,
+                   csv_path: Path | None = None) -> str:
+    """``matched`` or ``cross-cka`` at training loss ``target`` (exactgn.lab.evidence), as markdown."""
+    from exactgn.lab import evidence
+    from exactgn.lab.report import find_runs
+
+    runs = find_runs(paths)
+    if kind == "matched":
+        head, rows = evidence.matched_loss_table(runs, target)
+    else:
+        head, rows = evidence.cross_cka_table(runs, target, probe_size=probe_size)
+        if not rows:
+            raise SystemExit("cross-cka: no (GN, Adam/SGD) pair with the same seed and training images among "
+                             + ", ".join(str(r) for r in runs))
+    if csv_path is not None:
+        _write_csv(csv_path, head, rows)
+    return evidence.markdown(head, rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=("diagnostics", "seeds", "curves", "summary"))
+    parser.add_argument("kind", choices=("diagnostics", "seeds", "curves", "summary", "matched", "cross-cka"))
     parser.add_argument("paths", nargs="+", type=Path)
     parser.add_argument("--key", default="test_accuracy")
     parser.add_argument("--every", type=int, default=1)
     parser.add_argument("--epoch", type=int, default=None, help="seeds: compare the runs at this epoch")
+    parser.add_argument("--matched-loss", type=float, metavar="LOSS",
+                        help="matched, cross-cka: the target training loss (first record at or below it)")
+    parser.add_argument("--probe-size", type=int, default=None,
+                        help="cross-cka: probe images (default: the GN run's diagnostics.probe_size)")
+    parser.add_argument("--csv", type=Path, default=None,
+                        help="matched, cross-cka: also write the table here")
     args = parser.parse_args()
-    if args.kind == "diagnostics":
+    if args.kind in ("matched", "cross-cka"):
+        if args.matched_loss is None:
+            parser.error(f"{args.kind} needs --matched-loss LOSS")
+        print(matched_tables(args.kind, args.paths, args.matched_loss, args.probe_size, args.csv), end="")
+    elif args.kind == "diagnostics":
         print(diagnostics_table(args.paths))
     elif args.kind == "summary":
         print(summary_table(args.paths))

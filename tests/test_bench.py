@@ -41,6 +41,12 @@ def test_bench_writes_the_documented_json(tmp_path, capsys):
     assert res["device"] == "cpu"
     assert res["ratios"]["gn_pinv_step"] == pytest.approx(res["gn_pinv_step_s"] / res["adam_step_s"])
     assert all(len(res["timings"][k[:-2]]) == 3 for k in keys)
+    env = res["environment"]
+    assert env["threads"] == torch.get_num_threads() and isinstance(env["cpu_count"], int)
+    assert isinstance(env["lscpu"], dict) and len(env["load_average"]) == 3
+    with open("/proc/cpuinfo") as fh:
+        model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    assert env["cpu_model"] == model and model in table
 
 
 def test_bench_truncation_reaches_the_steps(tmp_path, capsys):

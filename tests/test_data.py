@@ -368,3 +368,67 @@ def test_asking_for_more_images_than_exist_is_an_error():
     with pytest.raises(D.DataError, match=r"data.test_size = 1001 exceeds the 1000 images of mnist-small's test set"):
         D.load_dataset("mnist-small", test_size=1001)
     assert len(D.load_dataset("mnist-small", train_size=5000, test_size=1000).train) == 5000
+
+
+# ---------------------------------------------------------------------------- validation split
+@pytest.mark.parametrize("subset", ["first", "balanced"])
+def test_validation_split_is_disjoint_seeded_and_leaves_the_training_subset_alone(subset):
+    labels = np.repeat(np.arange(10), 40)[np.random.default_rng(1).permutation(400)]
+    plain = D.select_subset(labels, 120, subset, seed=5)
+    train, val = D.split_indices(labels, 120, subset, 5, val_size=70, val_seed=2)
+    np.testing.assert_array_equal(train, plain)  # turning validation on never changes the training images
+    assert len(val) == 70 == len(set(val.tolist())) and np.all(np.diff(val) > 0)
+    assert not set(val.tolist()) & set(train.tolist()) and val.min() >= 0 and val.max() < 400
+    again_train, again_val = D.split_indices(labels, 120, subset, 5, val_size=70, val_seed=2)
+    np.testing.assert_array_equal(again_val, val)
+    np.testing.assert_array_equal(again_train, train)
+    other = D.split_indices(labels, 120, subset, 5, val_size=70, val_seed=3)[1]
+    assert not np.array_equal(other, val) and not set(other.tolist()) & set(train.tolist())
+    # Uniform over the pool of images outside the training subset: every pool image can be drawn.
+    seen = set()
+    for seed in range(60):
+        seen |= set(D.split_indices(labels, 120, subset, 5, val_size=70, val_seed=seed)[1].tolist())
+    assert seen == set(range(400)) - set(train.tolist())
+
+
+def test_validation_split_of_the_whole_training_file_gives_training_the_rest():
+    labels = np.arange(50) % 10
+    train, val = D.split_indices(labels, 0, val_size=12, val_seed=7)
+    assert len(val) == 12 and len(train) == 38
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, val])), np.arange(50))
+    train0, val0 = D.split_indices(labels, 0)
+    np.testing.assert_array_equal(train0, np.arange(50))
+    assert len(val0) == 0
+
+
+def test_a_validation_set_that_does_not_fit_is_refused_with_the_keys_to_change():
+    labels = np.arange(100) % 10
+    with pytest.raises(D.DataError, match=r"data.val_size = 31 is too large: "
+                                          r"data.train_size = 70 leaves 30 .*"
+                                          r"use data.val_size <= 30"):
+        D.split_indices(labels, 70, val_size=31)
+    with pytest.raises(D.DataError, match=r"data.val_size = 100 is too large: .*use data.val_size <= 99"):
+        D.split_indices(labels, 0, val_size=100)
+    with pytest.raises(D.DataError, match="data.val_size must be an integer >= 0"):
+        D.split_indices(labels, 10, val_size=-1)
+    assert len(D.split_indices(labels, 70, val_size=30)[1]) == 30
+    with pytest.raises(D.DataError, match="data.val_size = 4001 is too large"):
+        D.load_dataset("mnist-small", train_size=1000, val_size=4001)
+
+
+def test_load_dataset_validation_images_come_from_the_training_file_only():
+    raw = D.read_bundled_mnist()
+    split = D.load_dataset("mnist-small", train_size=256, test_size=100, val_size=300, val_seed=4)
+    plain = D.load_dataset("mnist-small", train_size=256, test_size=100)
+    assert split.val is not None and plain.val is None and len(split.val) == 300
+    assert torch.equal(split.train.images, plain.train.images)
+    assert torch.equal(split.test.images, plain.test.images)
+    np.testing.assert_array_equal(split.train.index.numpy(), np.arange(256))
+    idx = split.val.index.numpy()
+    assert idx.min() >= 256 and not set(idx.tolist()) & set(split.train.index.tolist())
+    # The validation tensors are the training file's images and labels at those positions, normalised.
+    assert torch.equal(split.val.images, D.normalise(raw.train.images[idx], "mnist-small"))
+    assert torch.equal(split.val.labels, torch.from_numpy(raw.train.labels[idx]))
+    # No validation image is (pixel for pixel) a test image of the run.
+    val_flat = {bytes(raw.train.images[i].tobytes()) for i in idx}
+    assert not val_flat & {bytes(raw.test.images[i].tobytes()) for i in range(100)}

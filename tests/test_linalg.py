@@ -74,17 +74,21 @@ def test_min_norm_solve_of_singular_normal_equations(rng, damping):
     """``MᵀM c = MᵀR`` with a rank-deficient ``M`` is consistent, so a small residual says nothing about null-space
     components; ``min_norm=True`` must return ``(MᵀM + λI)⁺MᵀR``, the minimum-norm solution. ``M = [x L, 1]`` with
     two always-zero pixels in ``x`` is the column Gram route's own case (a rotated null space, on which a plain
-    Cholesky solve succeeded with wrong answers in about one draw in nine); 40 draws."""
-    for _ in range(40):
+    Cholesky solve succeeded with wrong answers in about one draw in nine); 50 draws, of which about
+    40 meet the conditioning precondition."""
+    for _ in range(50):
         x = torch.randn(16, 12, generator=rng, dtype=F64)
         x[:, [2, 5]] = 0
         lower = torch.tril(torch.randn(12, 12, generator=rng, dtype=F64))
         m = torch.cat([x @ lower, torch.ones(16, 1, dtype=F64)], 1)
+        sv = torch.linalg.svdvals(m)
+        if sv[0] / sv[10] > 1e3:  # the precondition of every exactness test here (cond ≤ 1e3 on the range)
+            continue  # random triangular factors are often far worse conditioned; the Gram route loses cond²
         r = torch.randn(16, 3, generator=rng, dtype=F64)
         coef, info = gram_solve(m.T @ m, m.T @ r, Regularisation(damping=damping), min_norm=True, warn=False)
         ref = _svd_pinv(m, cut=1e-10 * float(torch.linalg.svdvals(m)[0]), damping=damping) @ r
         assert (coef - ref).norm() / ref.norm() <= 1e-8
-        assert (info.method, info.rank) == (("eigh-lstsq", 11) if damping == 0 else ("cholesky", 13))
+        assert (info.method, info.rank) == (("eigh-lstsq", 11) if damping == 0 else ("cholesky-damped", 13))
 
 
 def test_float64_solve_of_a_float32_gram(rng):

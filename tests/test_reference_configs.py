@@ -322,10 +322,15 @@ def _reference_of(config: Path) -> str:
     return name if name in REFERENCE else read_twin(name).of
 
 
+TUNED_PREFIXES = ("tuning/", "long-minibatch-cpu")
+
+
 def study_gn_runs() -> list[tuple[str, str, C.RunConfig]]:
     """(study, run, config) of every GN run of every shipped study whose learning rate is not swept."""
     out = []
     for study in list_studies():
+        if study.startswith(TUNED_PREFIXES):  # rates chosen on a validation split, not the reference's
+            continue
         path = STUDIES_DIR / f"{study}.toml"
         if study_kind(path) == "sweep":
             spec = load_sweep(path)

@@ -158,3 +158,21 @@ def test_training_diagnostics_survive_a_resume(tmp_path):
         for key in rb:
             if key != "diagnostics_time_s":
                 assert rb[key] == pytest.approx(ra[key], rel=1e-9, abs=1e-12), (ra["epoch"], key)
+
+
+def test_report_has_the_matched_loss_table(tiny_runs, tmp_path):
+    from exactgn.lab.evidence import epoch_losses
+
+    target = epoch_losses(tiny_runs / "adam-full-s0")[1]  # Adam reaches it at epoch 1, GN seed 0 at epoch 2
+    out = tmp_path / "rep"
+    assert cli_main(["report", str(tiny_runs), "--out", str(out), "--matched-loss", repr(target)]) == 0
+    page = (out / "index.html").read_text()
+    assert f"Diagnostics at matched training loss (first record with train loss &le; {target:g})" in page
+    section = page[page.index("Diagnostics at matched training loss"):page.index("<h2>Figures</h2>")]
+    assert "adam-full-s0</td><td>adam</td><td>0</td><td>epoch 1 (loss" in section
+    assert "gn-full-s0</td><td>jflat</td><td>0</td><td>epoch 2 (loss" in section
+    assert "gn-full-s1</td><td>jflat</td><td>1</td><td>not reached (lowest" in section
+    single = tmp_path / "one"
+    one = ["report", str(tiny_runs / "gn-full-s0"), "--out", str(single), "--matched-loss", "1"]
+    assert cli_main(one) == 0
+    assert "matched training loss" not in (single / "index.html").read_text()

@@ -397,3 +397,30 @@ def test_tensorboard_events_when_installed_and_none_otherwise(tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
     run = T.train(tiny("sgd", epochs=1), tmp_path / "no-tb", progress=False)
     assert not (run / "tensorboard").exists() and read_meta(run)["status"] == "finished"
+
+
+def test_validation_split_is_logged_and_does_not_change_training(tmp_path):
+    from exactgn.lab.data import load_dataset
+    from exactgn.lab.diagnostics import load_checkpoint_model, probe_inputs
+
+    plain = T.train(tiny("adam", epochs=2), tmp_path / "plain", progress=False)
+    cfg = tiny("adam", epochs=2, overrides=["data.val_size=150", "data.val_seed=9"])
+    run = T.train(cfg, tmp_path / "val", progress=False)
+    assert same_weights(plain, run)  # the training subset (first 300 images) is the same with validation on
+    epochs, before = read_rows(run / "epochs.csv"), read_rows(plain / "epochs.csv")
+    assert all(r["val_loss"] is None and r["val_accuracy"] is None for r in before)
+    assert read_meta(run)["val_size"] == 150 and read_meta(plain)["val_size"] == 0
+    data = load_dataset("mnist-small", train_size=300, test_size=100, val_size=150, val_seed=9)
+    model, epoch = load_checkpoint_model(run / "checkpoints" / "last.pt")
+    loss, acc = T.evaluate(model, data.val.images, data.val.labels, "cross_entropy", 2000)
+    assert epoch == 2 and epochs[-1]["val_loss"] == pytest.approx(loss, rel=1e-12)
+    assert epochs[-1]["val_accuracy"] == acc
+    assert epochs[-1]["val_loss"] != pytest.approx(epochs[-1]["test_loss"], rel=1e-6)
+    logged = [r["val_accuracy"] for r in read_jsonl(run / "epochs.jsonl")]
+    assert logged == [r["val_accuracy"] for r in epochs]
+    # With train_size = 0 the probe batch of the diagnostics skips the held-out images, as training does.
+    cfg = tiny("adam", overrides=["data.train_size=0", "data.val_size=4000", "data.val_seed=1"])
+    full = load_dataset("mnist-small", val_size=4000, val_seed=1)
+    assert torch.equal(probe_inputs(cfg, 16), full.train.images[:16].reshape(16, -1))
+    with pytest.raises(ConfigError, match="data.val_size: must be >= 0"):
+        tiny("adam", overrides=["data.val_size=-5"])

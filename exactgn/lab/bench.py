@@ -7,8 +7,10 @@ comes to its floor.
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
+import subprocess
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -113,9 +115,39 @@ def _time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: 
     return statistics.median(times), times, peak
 
 
+def _cpu_info() -> dict[str, object]:
+    """The CPU model (``/proc/cpuinfo``), ``lscpu``'s summary fields where available, and the load average."""
+    info: dict[str, object] = {}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    wanted = ("Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket", "Socket(s)", "CPU max MHz",
+              "Hypervisor vendor", "L2 cache", "L3 cache")
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    info["lscpu"] = {k: fields[k].strip() for k in wanted if k in fields}
+    if hasattr(os, "getloadavg"):
+        info["load_average"] = list(os.getloadavg())
+    info["cpu_count"] = os.cpu_count()
+    return info
+
+
 def _environment(device: torch.device) -> dict[str, object]:
-    """Where the benchmark ran: the provenance keys every exactgn writer uses, plus the processor."""
-    return {**provenance(device), "processor": platform.processor() or platform.machine()}
+    """Where the benchmark ran: the provenance keys every exactgn writer uses, the processor and the CPU."""
+    env: dict[str, object] = {
+        **provenance(device), "processor": platform.processor() or platform.machine(), **_cpu_info(),
+    }
+    if device.type != "cuda" and "cpu_model" in env:
+        env["device_name"] = env["cpu_model"]
+    return env
 
 
 def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, object]:
@@ -195,8 +227,9 @@ def format_table(results: dict[str, object]) -> str:
     sizes, env = results["sizes"], results["environment"]
     head = (
         f"d={sizes['features']} h={sizes['hidden']} L={sizes['blocks']} B={sizes['batch']} k={sizes['classes']} "
-        f"on {env.get('device_name', env['device'])} ({results['device']}, torch {meta_value(env, 'torch_version')}, "
-        f"{env['threads']} threads, {results['settings']['dtype']}"
+        f"on {env.get('device_name', env['device'])} ({results['device']}, "
+        f"torch {meta_value(env, 'torch_version')}, {env['threads']} threads{_load(env)}, "
+        f"{results['settings']['dtype']}"
         f"{', TF32' if results['settings']['tf32'] else ''}"
         f"{', float64 solves' if results['settings']['solve_dtype'] == 'float64' else ''}"
         f"{_truncation(results['settings'])})"
@@ -215,6 +248,11 @@ def format_table(results: dict[str, object]) -> str:
                      "take the exact least-squares step (least_squares=True, column-Gram solves) and J·Δθ = v "
                      "holds only in the other blocks.")
     return "\n".join(lines)
+
+
+def _load(env: dict[str, object]) -> str:
+    load = env.get("load_average")
+    return f", load {load[0]:.2f}" if load else ""
 
 
 def _truncation(settings: dict[str, object]) -> str:

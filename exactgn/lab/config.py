@@ -85,6 +85,11 @@ class DataConfig(Table):
     subset: Literal[SUBSETS] = "first"  # type: ignore[valid-type]  # first (reference) | balanced (seeded draw)
     subset_seed: int = 0
     test_size: int = Field(0, ge=0)  # first N test images; 0 = all
+    # Validation images held out of the *training* file (never the test file), logged as val_loss and
+    # val_accuracy: a uniform seeded draw from the images outside the training subset (train_size = 0: from
+    # all, and training gets the rest). 0 = no validation set. Rule: exactgn.lab.data.split_indices.
+    val_size: int = Field(0, ge=0)
+    val_seed: int = Field(0, ge=0)
     augment: bool = False  # random-resized-crop of every training batch
     crop_scale: Pair = [0.08, 1.0]
     crop_ratio: Pair = [0.75, 1.33]

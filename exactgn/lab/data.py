@@ -61,6 +61,7 @@ __all__ = [
     "load_raw",
     "normalise",
     "select_subset",
+    "split_indices",
     "load_dataset",
     "one_hot",
     "random_resized_crop",
@@ -138,13 +139,15 @@ class Dataset:
 
 @dataclass
 class DataSplit:
-    """What training needs: the normalised train and test sets, the class names and where the data came from."""
+    """What training needs: the normalised train and test sets, the class names and where the data came from;
+    ``val``: the validation images held out of the training file (``None`` without ``data.val_size``)."""
 
     name: str
     train: Dataset
     test: Dataset
     classes: tuple[str, ...]
     source: str
+    val: Dataset | None = None
 
     @property
     def num_classes(self) -> int:
@@ -537,6 +540,46 @@ def select_subset(labels: np.ndarray, size: int, method: str = "first", seed: in
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
+def split_indices(
+    labels: np.ndarray, train_size: int = 0, subset: str = "first", subset_seed: int = 0, *,
+    val_size: int = 0, val_seed: int = 0, num_classes: int = 10,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (sorted, int64) into the training file of the training subset and of the validation images.
+
+    The rule (validation never touches the test file):
+
+    * ``train_size > 0``: the training subset is exactly what it is without validation
+      (:func:`select_subset`: the first ``train_size`` images, or the seeded balanced draw), so turning
+      validation on never changes what a run trains on; the ``val_size`` validation images are a uniform draw without
+      replacement, seeded by ``val_seed``, from the images *outside* that subset. Needs
+      ``train_size + val_size <= N``.
+    * ``train_size = 0`` (all images): the validation images are that uniform draw from all ``N`` images, and
+      the training set is every other image (``N - val_size`` of them).
+
+    ``val_size = 0`` gives an empty validation set and the training subset of :func:`select_subset`.
+    """
+    n = len(labels)
+    if isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 0:
+        raise DataError(f"data.val_size must be an integer >= 0, got {val_size!r}")
+    room = max(n - train_size, 0) if train_size > 0 else n - 1  # training keeps at least one image
+    if val_size > room:
+        what = (f"data.train_size = {train_size} leaves {room} of the {n} training-file images"
+                if train_size > 0 else f"the training file has {n} images and training needs at least one")
+        raise DataError(f"data.val_size = {val_size} is too large: {what}; use data.val_size <= {room} "
+                        "(or a smaller data.train_size)")
+    empty = np.zeros(0, dtype=np.int64)
+    if val_size == 0:
+        return select_subset(labels, train_size, subset, subset_seed, num_classes), empty
+    rng = np.random.default_rng(val_seed)
+    if train_size > 0:
+        train_idx = select_subset(labels, train_size, subset, subset_seed, num_classes)
+        pool = np.setdiff1d(np.arange(n, dtype=np.int64), train_idx)
+        return train_idx, np.sort(rng.choice(pool, val_size, replace=False)).astype(np.int64)
+    select_subset(labels, 0, subset, subset_seed, num_classes)  # checks the subset method
+    val_idx = np.sort(rng.choice(n, val_size, replace=False)).astype(np.int64)
+    return np.setdiff1d(np.arange(n, dtype=np.int64), val_idx), val_idx
+
+
 def load_dataset(
     name: str,
     root: str | os.PathLike | None = None,
@@ -545,6 +588,8 @@ def load_dataset(
     test_size: int = 0,
     subset: str = "first",
     subset_seed: int = 0,
+    val_size: int = 0,
+    val_seed: int = 0,
     download: bool = False,
     dtype: torch.dtype = torch.float32,
 ) -> DataSplit:
@@ -552,19 +597,24 @@ def load_dataset(
 
     ``train_size``/``test_size``: keep that many samples (0 = all); the training subset is chosen by
     ``subset`` (see :func:`select_subset`), the test subset is always the first ``test_size``.
+    ``val_size``/``val_seed``: hold that many training-file images out as a validation set (see
+    :func:`split_indices` for the exact rule); ``DataSplit.val`` is ``None`` when ``val_size`` is 0.
     """
     raw = load_raw(name, root, download=download)
     for key, size, split in (("train_size", train_size, raw.train), ("test_size", test_size, raw.test)):
         if size > len(split.labels):
             raise DataError(f"data.{key} = {size} exceeds the {len(split.labels)} images of {name}'s "
                             f"{'training' if key == 'train_size' else 'test'} set; use at most {len(split.labels)}, or 0 for all")
-    train_idx = select_subset(raw.train.labels, train_size, subset, subset_seed)
+    train_idx, val_idx = split_indices(raw.train.labels, train_size, subset, subset_seed, val_size=val_size,
+                                       val_seed=val_seed)
     test_idx = select_subset(raw.test.labels, test_size, "first")
 
     def make(split: RawSplit, idx: np.ndarray) -> Dataset:
         return Dataset(normalise(split.images[idx], name, dtype), torch.from_numpy(split.labels[idx].copy()), torch.from_numpy(idx))
 
-    return DataSplit(name, make(raw.train, train_idx), make(raw.test, test_idx), CLASSES[name], raw.source)
+    val = make(raw.train, val_idx) if val_size else None
+    train, test = make(raw.train, train_idx), make(raw.test, test_idx)
+    return DataSplit(name, train, test, CLASSES[name], raw.source, val)
 
 
 def one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -356,7 +356,8 @@ def probe_inputs(config: Any, size: int, *, root: str | os.PathLike | None = Non
     """The fixed probe batch of a run: the first ``size`` images of its training set, flattened (``size × d``).
 
     ``config``: a :class:`exactgn.lab.config.RunConfig` or its nested dict (a run's ``config.toml``). The training set is
-    chosen exactly as training chooses it (``data.train_size``, ``data.subset``, ``data.subset_seed``), without
+    chosen exactly as training chooses it (``data.train_size``, ``data.subset``, ``data.subset_seed``,
+    ``data.val_size``, ``data.val_seed``), without
     augmentation, and normalised with the reference statistics in the model's dtype (``model.dtype``), so the
     values are bit-identical to training's; if the training set has fewer than ``size`` images, all of them. The data root is ``root``, else ``data.root``,
     else ``$EXACTGN_DATA``. The training loop and ``exactgn diagnose`` both use this function, so they see the
@@ -368,7 +369,9 @@ def probe_inputs(config: Any, size: int, *, root: str | os.PathLike | None = Non
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"probe size must be a positive integer, got {size!r}")
     raw = datamod.load_raw(name, root if root is not None else (get("root", "") or None))
-    idx = datamod.select_subset(raw.train.labels, get("train_size", 0), get("subset", "first"), get("subset_seed", 0))
+    idx, _ = datamod.split_indices(raw.train.labels, get("train_size", 0), get("subset", "first"),
+                                   get("subset_seed", 0), val_size=get("val_size", 0),
+                                   val_seed=get("val_seed", 0))
     size = min(size, len(idx))  # a training set smaller than the probe: all of it (as in training)
     model = config.get("model", {}) if isinstance(config, Mapping) else getattr(config, "model", None)
     dtype_name = model.get("dtype", "float32") if isinstance(model, Mapping) else getattr(model, "dtype", "float32")

@@ -64,7 +64,7 @@ STEP_FIELDS = (
 )
 EPOCH_FIELDS = (
     "epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "epoch_time_s", "wall_time_s",
-    "mean_loss_change_pct", "eval_time_s", "global_step",
+    "mean_loss_change_pct", "eval_time_s", "global_step", "val_loss", "val_accuracy",
 )
 
 

@@ -357,12 +357,16 @@ class _Run:
         start = time.perf_counter()
         tr_loss, tr_acc = evaluate(self.model, self.data.train.images, self.data.train.labels, cfg.train.loss, cfg.train.eval_batch_size)
         te_loss, te_acc = evaluate(self.model, self.data.test.images, self.data.test.labels, cfg.train.loss, cfg.train.eval_batch_size)
+        va_loss = va_acc = None
+        if self.data.val is not None:
+            va_loss, va_acc = evaluate(self.model, self.data.val.images, self.data.val.labels, cfg.train.loss,
+                                       cfg.train.eval_batch_size)
         eval_time = time.perf_counter() - start
         row = dict(
             epoch=epoch, train_loss=tr_loss, train_accuracy=tr_acc, test_loss=te_loss, test_accuracy=te_acc,
             epoch_time_s=pos.epoch_time if epoch > 0 else 0.0, wall_time_s=self.wall(),
             mean_loss_change_pct=pos.change_sum / pos.change_count if pos.change_count else None,
-            eval_time_s=eval_time, global_step=pos.global_step,
+            eval_time_s=eval_time, global_step=pos.global_step, val_loss=va_loss, val_accuracy=va_acc,
         )
         self.log.epoch(row)
         if self.progress:
@@ -464,9 +468,11 @@ def _load_data(cfg: RunConfig, device: torch.device) -> DataSplit:
     d = cfg.data
     data = load_dataset(
         d.dataset, d.root or None, train_size=d.train_size, test_size=d.test_size, subset=d.subset,
-        subset_seed=d.subset_seed, download=d.download, dtype=dtype_from_name(cfg.model.dtype),
+        subset_seed=d.subset_seed, val_size=d.val_size, val_seed=d.val_seed, download=d.download,
+        dtype=dtype_from_name(cfg.model.dtype),
     )
-    return DataSplit(data.name, data.train.to(device), data.test.to(device), data.classes, data.source)
+    val = data.val.to(device) if data.val is not None else None
+    return DataSplit(data.name, data.train.to(device), data.test.to(device), data.classes, data.source, val)
 
 
 def _new_meta(cfg: RunConfig, device: torch.device, data: DataSplit, batch: int) -> dict[str, Any]:
@@ -474,7 +480,8 @@ def _new_meta(cfg: RunConfig, device: torch.device, data: DataSplit, batch: int)
         **provenance(device), "start_time": utc_now(), "end_time": None, "status": "running", "epochs_done": 0,
         "global_step": 0, "epochs": cfg.train.epochs, "name": cfg.name, "optimiser": cfg.optim.name,
         "dataset": cfg.data.dataset, "data_source": data.source, "train_size": len(data.train),
-        "test_size": len(data.test), "batch_size": batch, "steps_per_epoch": None, "message": None, "resumed": [],
+        "test_size": len(data.test), "batch_size": batch, "val_size": len(data.val) if data.val is not None else 0,
+        "steps_per_epoch": None, "message": None, "resumed": [],
     }
 
 

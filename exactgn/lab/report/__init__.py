@@ -11,12 +11,14 @@ min–max over seeds by default, or ±1 standard deviation (``band="std"``).
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Sequence
 
 from .figures import Figure, cross_cka_figure, panel_figures
 from .figures import cross_cka as compute_cross_cka
+from .html import matched_section
 from .html import page as html_page
 from .runs import Panel, ReportError, Run, Series, aggregate_seeds, find_runs, group_runs, load_run, run_labels
 
@@ -32,6 +34,7 @@ def make_report(
     cross_cka: bool = False,
     probe_size: int = 256,
     data_root: str | None = None,
+    matched_loss: float | None = None,
 ) -> Path:
     """Write ``out/index.html`` (self-contained: figures embedded) and the figures as ``out/*.png``; returns the
     HTML path. ``paths``: run folders or folders that contain run folders. ``band``: ``"minmax"`` or ``"std"``.
@@ -39,11 +42,16 @@ def make_report(
     ``cross_cka``: also compute linear CKA between the final models (``checkpoints/last.pt``) of every pair of
     series of a dataset, on its first ``probe_size`` training images (needs the data; root ``data_root``, else the
     runs' ``data.root``, else ``$EXACTGN_DATA``).
+
+    ``matched_loss``: with several runs, add the table "diagnostics at matched training loss" (each run's
+    first diagnostics record at or below that training loss, :mod:`exactgn.lab.evidence`).
     """
     if band not in ("minmax", "std"):
         raise ValueError(f"band must be 'minmax' or 'std', got {band!r}")
     if not paths:
         raise ReportError("no run folders given")
+    if matched_loss is not None and not math.isfinite(matched_loss):
+        raise ReportError(f"--matched-loss must be a finite training loss, got {matched_loss!r}")
     run_paths = find_runs(paths)
     runs = [load_run(p, label) for p, label in zip(run_paths, run_labels(run_paths))]
     panels = group_runs(runs)
@@ -56,6 +64,7 @@ def make_report(
     figures.extend(cross_cka_figure(c, out) for c in cross)
     page = out / "index.html"
     tmp = out / ".index.html.tmp"
-    tmp.write_text(html_page(runs, panels, figures, band, title, cross), encoding="utf-8")
+    matched = matched_section(runs, matched_loss) if matched_loss is not None and len(runs) > 1 else ""
+    tmp.write_text(html_page(runs, panels, figures, band, title, cross, matched), encoding="utf-8")
     os.replace(tmp, page)
     return page
