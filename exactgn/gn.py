@@ -13,12 +13,13 @@ benchmarks all call these functions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from .core import INVERSES, GNResult, chunk_edges, symmetrise_lower
 from .errors import InexactStepError
+from .generic import generic_direction, generic_jvp_logits, generic_ntk_gram
 from .linalg import Regularisation, RowFactor, SolveInfo, symmetric_matmul, factor_rows, gram_solve
 from .losses import HESSIANS, LOSSES, as_target_rows, check_choice, loss_value, newton_target
 from .model import HalfLayerRecord, RevMLP
@@ -35,41 +36,7 @@ __all__ = [
     "jvp_logits",
 ]
 
-INVERSES = ("right", "pinv")
-
-
-@dataclass
-class GNResult:
-    """Everything one GN direction computation produced.
-
-    direction: parameter name → tensor shaped like the parameter (the step is ``θ − lr·direction``).
-    logits: ``B × k`` at the current parameters; targets: ``B × k`` rows; v: ``B × k``, ``H⁺g``.
-    loss: the mean loss on the batch before the step (0-dim tensor).
-    solves: one :class:`SolveInfo` per Gram solve (``2L`` for the right inverse, 1 for pinv).
-    """
-
-    direction: dict[str, Tensor]
-    logits: Tensor
-    targets: Tensor
-    v: Tensor
-    loss: Tensor
-    solves: list[SolveInfo] = field(default_factory=list)
-
-    @property
-    def exact(self) -> bool:
-        """True when every solve was an exact one (an unregularised Cholesky or QR solve)."""
-        return all(s.method in ("cholesky", "qr") for s in self.solves)
-
-
 # ---------------------------------------------------------------------------- shared pieces
-GRAM_CHUNKS = 8  # row chunks of the lower-triangle Grams (more chunks: less work, smaller products)
-
-
-def chunk_edges(batch: int) -> list[int]:
-    """Row boundaries of the :data:`GRAM_CHUNKS` chunks in which Grams of ``batch`` rows are computed."""
-    return torch.linspace(0, batch, min(GRAM_CHUNKS, batch) + 1).round().long().tolist()
-
-
 def activation_gram(record: HalfLayerRecord, *, lower: bool = False) -> Tensor:
     """``K_j = A_j A_jᵀ`` (``B × B``) with ``A_j = [φ(u C), 1]`` (the ones column only with a bias).
 
@@ -241,11 +208,6 @@ def _ntk_lower(records: list[HalfLayerRecord], cotangents: list[Tensor]) -> Tens
     return ntk
 
 
-def symmetrise_lower(lower: Tensor) -> Tensor:
-    """Full symmetric matrix from its lower triangle."""
-    return torch.tril(lower) + torch.tril(lower, -1).T
-
-
 def _lift(model: RevMLP, v: Tensor) -> Tensor:
     """``δz`` (``B × d``) with ``δz U = v`` exactly: the minimum-norm ``v (UᵀU)⁻¹Uᵀ``.
 
@@ -360,8 +322,6 @@ def compute_direction(
 ) -> GNResult:
     """:func:`gn_direction` with everything it computed on the way (logits, loss, ``v``, solve reports)."""
     if not isinstance(model, RevMLP):  # any other module: exactgn.generic (inverse="pinv" only)
-        from .generic import generic_direction
-
         return generic_direction(model, inputs, targets, loss=loss, hessian=hessian, inverse=inverse, rtol=rtol,
                                  atol=atol, damping=damping, least_squares=least_squares, solve_dtype=solve_dtype)
     model = _check_model(model)
@@ -427,8 +387,6 @@ def gn_direction(
 def ntk_gram(model: RevMLP, inputs: Tensor) -> Tensor:
     """The exact empirical NTK ``JJᵀ`` of the logits on a batch (``Bk × Bk``, row/column ``i·k + c``)."""
     if not isinstance(model, RevMLP):
-        from .generic import generic_ntk_gram
-
         return generic_ntk_gram(model, inputs)
     model = _check_model(model)
     with torch.no_grad():
@@ -442,8 +400,6 @@ def jvp_logits(model: RevMLP, inputs: Tensor, delta: dict[str, Tensor]) -> Tenso
     ``delta`` maps parameter names to tensors shaped like the parameters (missing names count as zero).
     """
     if not isinstance(model, RevMLP):
-        from .generic import generic_jvp_logits
-
         return generic_jvp_logits(model, inputs, delta)
     model = _check_model(model)
     unknown = set(delta) - {name for name, _ in model.named_parameters()}

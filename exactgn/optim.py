@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .errors import NonFiniteError
+from .generic import check_right_inverse
 from .gn import INVERSES, GNResult, compute_direction
 from .linalg import Regularisation
 from .losses import HESSIANS, LOSSES, check_choice
@@ -66,8 +67,6 @@ class GaussNewton(torch.optim.Optimizer):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"GaussNewton needs a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(model, RevMLP):
-            from .generic import check_right_inverse
-
             check_right_inverse(model, inverse)
         defaults = dict(
             lr=lr, loss=loss, hessian=hessian, inverse=inverse, rtol=rtol, atol=atol, damping=damping,

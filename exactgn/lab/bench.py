@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from ..gn import GRAM_CHUNKS
+from ..core import GRAM_CHUNKS
 from ..model import RevMLP, activation_rank_bound
 from ..optim import GaussNewton
 from ..precision import dtype_from_name, matmul_precision
