@@ -296,9 +296,9 @@ def _check_scale(logits: Tensor, records: list[HalfLayerRecord]) -> None:
     if not torch.isfinite(logits).all():
         raise NonFiniteError(f"the logits overflow {dtype} in the forward pass: no GN step; {_RESCALE}")
     top = torch.finfo(dtype).max
-    for rec in records:
+    peaks = torch.stack([torch.maximum(r.features.amax(), -r.features.amin()) for r in records]).tolist()
+    for rec, biggest in zip(records, peaks):
         feats = rec.features
-        biggest = float(torch.maximum(feats.amax(), -feats.amin()))
         if biggest * biggest * feats.shape[1] <= top:  # no row's sum of squares can overflow
             continue
         if not torch.isfinite(feats.pow(2).sum(1)).all():  # the diagonal of A Aᵀ
@@ -322,7 +322,8 @@ def _solve_failure(err: Exception, records: list[HalfLayerRecord]) -> NonFiniteE
 
 
 def _check_direction(direction: dict[str, Tensor]) -> None:
-    bad = [name for name, t in direction.items() if not torch.isfinite(t).all()]
+    finite = torch.stack([torch.isfinite(t).all() for t in direction.values()]).tolist()  # one device sync
+    bad = [name for name, ok in zip(direction, finite) if not ok]
     if bad:
         dtype = next(iter(direction.values())).dtype
         raise NonFiniteError(
