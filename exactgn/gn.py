@@ -13,16 +13,18 @@ benchmarks all call these functions.
 
 from __future__ import annotations
 
+import copy
 
 import torch
 from torch import Tensor
 
 from .core import INVERSES, GNResult, chunk_edges, symmetrise_lower
-from .errors import InexactStepError
+from .errors import InexactStepError, NonFiniteError
 from .generic import generic_direction, generic_jvp_logits, generic_ntk_gram
-from .linalg import Regularisation, RowFactor, SolveInfo, symmetric_matmul, factor_rows, gram_solve
+from .linalg import Regularisation, RowFactor, SolveInfo, factor_rows, gram_solve, symmetric_matmul
 from .losses import HESSIANS, LOSSES, as_target_rows, check_choice, loss_value, newton_target
 from .model import HalfLayerRecord, RevMLP
+from .precision import as_solve_dtype, working_dtype
 
 __all__ = [
     "INVERSES",
@@ -306,6 +308,59 @@ def check_exactness(model: RevMLP, batch: int, inverse: str, least_squares: bool
             )
 
 
+def _working_model(model: RevMLP) -> RevMLP:
+    """``model`` itself, or a float32 copy of a float16/bfloat16 model."""
+    dtype = working_dtype(model.readout.dtype)
+    return model if dtype == model.readout.dtype else copy.deepcopy(model).to(dtype)
+
+
+_RESCALE = "rescale the inputs (e.g. standardise them), or use a float64 model; nothing was changed"
+
+
+def _check_scale(logits: Tensor, records: list[HalfLayerRecord]) -> None:
+    """:class:`NonFiniteError` before any solve if the logits or an activation Gram ``A Aᵀ`` overflow."""
+    dtype = logits.dtype
+    if not torch.isfinite(logits).all():
+        raise NonFiniteError(f"the logits overflow {dtype} in the forward pass: no GN step; {_RESCALE}")
+    top = torch.finfo(dtype).max
+    peaks = torch.stack([torch.maximum(r.features.amax(), -r.features.amin()) for r in records]).tolist()
+    for rec, biggest in zip(records, peaks):
+        feats = rec.features
+        if biggest * biggest * feats.shape[1] <= top:  # no row's sum of squares can overflow
+            continue
+        if not torch.isfinite(feats.pow(2).sum(1)).all():  # the diagonal of A Aᵀ
+            raise NonFiniteError(
+                f"the activation Gram A Aᵀ of half-layer {rec.name} overflows {dtype}: its features reach "
+                f"{biggest:.3g}, whose squares summed over {feats.shape[1]} features exceed {top:.3g}; "
+                + _RESCALE
+            )
+
+
+def _solve_failure(err: Exception, records: list[HalfLayerRecord]) -> NonFiniteError:
+    """The exactgn error for a ``LinAlgError`` of a Gram solve (LAPACK fails on NaN or infinite entries)."""
+    features = max(float(r.features.abs().max()) for r in records)
+    weights = max(float(r.layer.weight.abs().max()) for r in records)
+    return NonFiniteError(
+        f"a Gram solve failed ({str(err).splitlines()[0]}), which happens when a Gram matrix holds NaN or "
+        f"infinite entries (largest |feature| {features:.3g}, weights up to {weights:.3g}): the Grams "
+        "overflow at this scale; rescale the inputs, restart from weights that have not diverged, or use a "
+        "float64 model; nothing was changed"
+    )
+
+
+def _check_direction(direction: dict[str, Tensor]) -> None:
+    finite = torch.stack([torch.isfinite(t).all() for t in direction.values()]).tolist()  # one device sync
+    bad = [name for name, ok in zip(direction, finite) if not ok]
+    if bad:
+        dtype = next(iter(direction.values())).dtype
+        raise NonFiniteError(
+            f"the GN direction of {bad[:4]} is not finite in {dtype} "
+            f"(largest finite {torch.finfo(dtype).max:.3g}): "
+            "v is too large for these parameters or a Gram is numerically singular; nothing was changed. "
+            "Add damping or truncation (rtol/atol), use smaller targets, or a wider model dtype."
+        )
+
+
 def compute_direction(
     model: RevMLP,
     inputs: Tensor,
@@ -318,27 +373,41 @@ def compute_direction(
     atol: float = 0.0,
     damping: float = 0.0,
     least_squares: bool = False,
-    solve_dtype: torch.dtype | None = None,
+    solve_dtype: torch.dtype | str | None = None,
 ) -> GNResult:
-    """:func:`gn_direction` with everything it computed on the way (logits, loss, ``v``, solve reports)."""
+    """:func:`gn_direction` with everything it computed on the way (logits, loss, ``v``, solve reports).
+
+    For a float16/bfloat16 model, ``logits``, ``targets``, ``v`` and ``loss`` are in float32 (the precision
+    the step was computed in); the direction is in the model's dtype.
+    """
     if not isinstance(model, RevMLP):  # any other module: exactgn.generic (inverse="pinv" only)
         return generic_direction(model, inputs, targets, loss=loss, hessian=hessian, inverse=inverse, rtol=rtol,
-                                 atol=atol, damping=damping, least_squares=least_squares, solve_dtype=solve_dtype)
+                                 atol=atol, damping=damping, least_squares=least_squares,
+                                 solve_dtype=as_solve_dtype(solve_dtype))
     model = _check_model(model)
     check_choice("loss", loss, LOSSES)
     check_choice("hessian", hessian, HESSIANS)
     check_choice("inverse", inverse, INVERSES)
+    solve_dtype = as_solve_dtype(solve_dtype)
     reg = Regularisation(rtol, atol, damping)
-    logits, records = model.trace(inputs)
+    work = _working_model(model)
+    # A float16/bfloat16 model sees its inputs rounded to its dtype: check and round them before the upcast.
+    logits, records = work.trace(inputs if work is model else model.flatten_inputs(inputs))
     batch = logits.shape[0]
     rows = as_target_rows(targets, model.num_classes, batch, logits, loss)
     check_exactness(model, batch, inverse, least_squares or not reg.exact)
+    _check_scale(logits, records)
     with torch.no_grad():
         v = newton_target(logits, rows, loss, hessian)
         solver = _right_inverse if inverse == "right" else _min_norm
-        direction, solves = solver(model, records, v, reg, solve_dtype, not least_squares)
+        try:
+            direction, solves = solver(work, records, v, reg, solve_dtype, not least_squares)
+        except torch.linalg.LinAlgError as err:
+            raise _solve_failure(err, records) from err
         value = loss_value(logits, rows, loss)
-    ordered = {name: direction[name] for name, _ in model.named_parameters()}
+    dtype = model.readout.dtype
+    ordered = {name: direction[name].to(dtype) for name, _ in model.named_parameters()}
+    _check_direction(ordered)
     return GNResult(ordered, logits, rows, v, value, solves)
 
 
@@ -354,7 +423,7 @@ def gn_direction(
     atol: float = 0.0,
     damping: float = 0.0,
     least_squares: bool = False,
-    solve_dtype: torch.dtype | None = None,
+    solve_dtype: torch.dtype | str | None = None,
 ) -> dict[str, Tensor]:
     """The Gauss–Newton direction on a batch; the update is ``θ ← θ − lr·direction``.
 
@@ -373,10 +442,19 @@ def gn_direction(
         rtol, atol: truncate singular values ``≤ max(rtol·σ_max, atol)`` of each pseudo-inverse.
         damping: ``λ`` in ``Aᵀ(AAᵀ + λI)⁻¹``.
         least_squares: accept a batch too large for the step to be exact (otherwise that is an error).
-        solve_dtype: dtype of the Gram factorisations (e.g. ``torch.float64``); default: the model's.
+        solve_dtype: dtype of the Gram factorisations, ``torch.float32``/``torch.float64`` or its name
+            (``"float64"``); default: the model's.
 
     Returns:
         parameter name (as in ``model.named_parameters()``) → tensor shaped like that parameter.
+
+    A float16/bfloat16 model's step is computed on a float32 copy (its Grams would overflow float16, and torch
+    has no half-precision Cholesky) and rounded to the model's dtype: ``J·direction = v`` up to that rounding.
+
+    Raises:
+        InexactStepError: the batch is too large for an exact step and ``least_squares`` is off.
+        NonFiniteError: the logits, a Gram matrix or the direction is not finite (e.g. inputs so large that
+            the Grams overflow); nothing is changed.
     """
     return compute_direction(
         model, inputs, targets, loss=loss, hessian=hessian, inverse=inverse, rtol=rtol, atol=atol,
@@ -385,19 +463,24 @@ def gn_direction(
 
 
 def ntk_gram(model: RevMLP, inputs: Tensor) -> Tensor:
-    """The exact empirical NTK ``JJᵀ`` of the logits on a batch (``Bk × Bk``, row/column ``i·k + c``)."""
+    """The exact empirical NTK ``JJᵀ`` of the logits on a batch (``Bk × Bk``, row/column ``i·k + c``).
+
+    In the model's dtype, float32 for a float16/bfloat16 model (computed on a float32 copy).
+    """
     if not isinstance(model, RevMLP):
         return generic_ntk_gram(model, inputs)
     model = _check_model(model)
+    work = _working_model(model)
     with torch.no_grad():
-        _, records = model.trace(inputs)
-        return symmetrise_lower(_ntk_lower(records, output_cotangents(model, records)))
+        _, records = work.trace(inputs if work is model else model.flatten_inputs(inputs))
+        return symmetrise_lower(_ntk_lower(records, output_cotangents(work, records)))
 
 
 def jvp_logits(model: RevMLP, inputs: Tensor, delta: dict[str, Tensor]) -> Tensor:
     """``J·δθ`` (``B × k``): the first-order change of the logits when the parameters change by ``δθ``.
 
     ``delta`` maps parameter names to tensors shaped like the parameters (missing names count as zero).
+    In the model's dtype, float32 for a float16/bfloat16 model (computed on a float32 copy).
     """
     if not isinstance(model, RevMLP):
         return generic_jvp_logits(model, inputs, delta)
@@ -405,8 +488,10 @@ def jvp_logits(model: RevMLP, inputs: Tensor, delta: dict[str, Tensor]) -> Tenso
     unknown = set(delta) - {name for name, _ in model.named_parameters()}
     if unknown:
         raise KeyError(f"delta names parameters the model does not have: {sorted(unknown)}")
+    work = _working_model(model)
+    delta = {name: t.to(work.readout.dtype) for name, t in delta.items()}
     with torch.no_grad():
-        _, records = model.trace(inputs)
+        _, records = work.trace(inputs if work is model else model.flatten_inputs(inputs))
         batch = records[0].features.shape[0]
         n = model.in_features // 2
         d_a = records[0].features.new_zeros(batch, n)
@@ -422,4 +507,4 @@ def jvp_logits(model: RevMLP, inputs: Tensor, delta: dict[str, Tensor]) -> Tenso
                 d_a = d_a + change
             else:
                 d_b = d_b + change
-        return torch.cat([d_a, d_b], dim=1) @ model.readout
+        return torch.cat([d_a, d_b], dim=1) @ work.readout

@@ -37,6 +37,11 @@ def as_target_rows(targets: Tensor, num_classes: int, batch: int, like: Tensor, 
     """
     if not isinstance(targets, Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.is_complex():
+        raise TypeError(
+            f"targets are complex ({targets.dtype}); pass integer class indices of shape (B,) or real rows "
+            f"of shape (B, {num_classes})"
+        )
     if targets.dim() == 1 and not targets.is_floating_point():
         if targets.dtype == torch.bool:
             raise ValueError("targets must be integer class indices or floating rows, got a bool tensor")

@@ -161,7 +161,8 @@ class RevMLP(nn.Module):
         bias: whether every half-layer has a trainable bias.
         init_std: standard deviation of the trainable weights at initialisation (reference: ``1e-3``).
         seed: seeds every random tensor (bottlenecks, readout, weights); same seed, same model.
-        dtype: floating dtype of all tensors.
+        dtype: dtype of all tensors: float64, float32, float16 or bfloat16 (a ``torch.dtype`` or its name).
+            The GN steps of float16/bfloat16 models are computed in float32 (:func:`exactgn.gn_direction`).
 
     ``model(x)`` maps images or flat vectors (``B × d`` after flattening) to logits (``B × k``).
     ``model.state(x)`` gives the final state ``z_L`` and ``model.inverse(z_L)`` recovers ``x`` exactly.
@@ -178,7 +179,7 @@ class RevMLP(nn.Module):
         bias: bool = True,
         init_std: float = 1e-3,
         seed: int = 0,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
     ) -> None:
         super().__init__()
         _check_int("in_features", in_features, 2)
@@ -198,8 +199,7 @@ class RevMLP(nn.Module):
             _check_int("hidden", hidden, 1)
         if not (isinstance(init_std, (int, float)) and math.isfinite(init_std) and init_std >= 0):
             raise ValueError(f"init_std must be a finite number >= 0, got {init_std!r}")
-        if not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+        dtype = _model_dtype(dtype)
 
         self.in_features = in_features
         self.num_classes = num_classes
@@ -262,9 +262,18 @@ class RevMLP(nn.Module):
 
     # ------------------------------------------------------------------ input handling
     def flatten_inputs(self, x: Tensor) -> Tensor:
-        """Images ``B × ...`` or vectors ``B × d`` → ``B × d`` in the model's dtype, with checks."""
+        """Images ``B × ...`` or vectors ``B × d`` → ``B × d`` in the model's dtype, with checks.
+
+        Under a ``torch.func`` transform (``vmap``, ``jacrev``, ...) the checks on values (NaN, overflow) are
+        skipped: ``vmap`` cannot branch on them. Checks on types and shapes always run.
+        """
         if not isinstance(x, Tensor):
             raise TypeError(f"inputs must be a torch.Tensor, got {type(x).__name__}")
+        if x.is_complex():
+            raise TypeError(
+                f"inputs are complex ({x.dtype}) but RevMLP is a real network; pass real inputs, e.g. "
+                "x.real, or torch.view_as_real(x).flatten(1) to use both parts as features"
+            )
         if x.dim() == 0:
             raise ValueError("inputs must have a batch dimension, got a scalar")
         if x.dim() == 1:
@@ -272,19 +281,19 @@ class RevMLP(nn.Module):
                 f"inputs of shape {tuple(x.shape)} have no batch dimension; "
                 f"pass a batch of shape (B, {self.in_features}) (use x.unsqueeze(0) for one sample)"
             )
+        if x.shape[0] == 0:
+            raise ValueError(f"inputs hold an empty batch (shape {tuple(x.shape)}); pass at least one sample")
         flat = x.reshape(x.shape[0], -1)
         if flat.shape[1] != self.in_features:
             raise ValueError(
                 f"inputs of shape {tuple(x.shape)} give {flat.shape[1]} features per sample, but the model "
                 f"takes in_features={self.in_features}"
             )
-        if flat.shape[0] == 0:
-            raise ValueError("inputs hold an empty batch (B = 0)")
         ref = self.readout
-        flat = flat.to(device=ref.device, dtype=ref.dtype)
-        if not torch.isfinite(flat).all():
-            raise ValueError("inputs contain NaN or infinite values")
-        return flat
+        cast = flat.to(device=ref.device, dtype=ref.dtype)
+        if not _under_functorch() and not torch.isfinite(cast).all():
+            raise ValueError(_non_finite_message(flat, ref.dtype))
+        return cast
 
     # ------------------------------------------------------------------ passes
     def _split(self, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -299,7 +308,14 @@ class RevMLP(nn.Module):
         return torch.cat([a, b], dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Logits ``z_L U`` (``B × k``)."""
+        """Logits ``z_L U`` (``B × k``).
+
+        Under ``torch.func.vmap`` over samples, ``x`` may also be one flat sample of shape ``d`` (logits
+        ``k``), so that ``vmap(jacrev(lambda p, x: functional_call(model, p, (x,))), (None, 0))`` gives
+        per-sample Jacobians; a per-sample image is passed as a batch of one (``x.unsqueeze(0)``).
+        """
+        if isinstance(x, Tensor) and x.dim() == 1 and _under_functorch():
+            return (self.state(x.unsqueeze(0)) @ self.readout).squeeze(0)
         return self.state(x) @ self.readout
 
     def inverse(self, z: Tensor) -> Tensor:
@@ -328,6 +344,34 @@ class RevMLP(nn.Module):
             records.append(HalfLayerRecord(block.g, next(names), a, feats, mask))
             b = b + block.g.apply_features(feats)
         return torch.cat([a, b], dim=1) @ self.readout, records
+
+
+def _under_functorch() -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, jacrev, jvp, ...) is running."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _non_finite_message(flat: Tensor, dtype: torch.dtype) -> str:
+    """Why inputs ``B × d`` are not finite in ``dtype``: NaN/inf given, or values the cast overflows."""
+    if flat.is_floating_point() and not torch.isfinite(flat).all():
+        return "inputs contain NaN or infinite values"
+    biggest = float(flat.abs().max())
+    return (
+        f"inputs overflow the model's dtype {dtype} (largest |x| = {biggest:.3g}, largest finite "
+        f"{torch.finfo(dtype).max:.3g}); rescale the inputs (e.g. standardise them) or use a wider dtype"
+    )
+
+
+MODEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _model_dtype(dtype: object) -> torch.dtype:
+    """``dtype`` (a ``torch.dtype`` or its name, e.g. ``"float64"``) checked against :data:`MODEL_DTYPES`."""
+    value = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
+    if value not in MODEL_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in MODEL_DTYPES)
+        raise ValueError(f"dtype must be one of {names} (a torch.dtype or its name), got {dtype!r}")
+    return value
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

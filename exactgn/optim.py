@@ -17,13 +17,12 @@ from .gn import INVERSES, GNResult, compute_direction
 from .linalg import Regularisation
 from .losses import HESSIANS, LOSSES, check_choice
 from .model import RevMLP
-from .precision import DTYPES
+from .precision import as_solve_dtype
 
 __all__ = ["GaussNewton"]
 
 # Settings that define the GN direction itself: one value for the whole model.
 _DIRECTION_KEYS = ("loss", "hessian", "inverse", "rtol", "atol", "damping", "least_squares", "solve_dtype")
-_SOLVE_DTYPES = {None: None, **DTYPES}
 
 
 class GaussNewton(torch.optim.Optimizer):
@@ -42,7 +41,11 @@ class GaussNewton(torch.optim.Optimizer):
         weight_decay: adds ``weight_decay·θ`` to the direction (so it decays by ``lr·weight_decay`` a step).
         noise: adds Gaussian noise with standard deviation ``noise × RMS(Δθ)`` per parameter tensor to the
             direction (DESIGN §3c), drawn from torch's global generator.
-        solve_dtype: ``"float64"`` to factorise the Gram matrices in double precision, ``None`` for the model's.
+        solve_dtype: ``"float64"`` (or ``torch.float64``) to factorise the Gram matrices in double precision,
+            ``"float32"``, or ``None`` for the model's; stored by name (``"float64"``) in the parameter
+            groups.
+
+    A float16/bfloat16 model's step is computed in float32, then rounded to its dtype (see ``gn_direction``).
 
     After each step, ``opt.last_result`` holds the :class:`~exactgn.gn.GNResult` (logits, ``v``, solve reports).
     """
@@ -62,12 +65,13 @@ class GaussNewton(torch.optim.Optimizer):
         least_squares: bool = False,
         weight_decay: float = 0.0,
         noise: float = 0.0,
-        solve_dtype: str | None = None,
+        solve_dtype: str | torch.dtype | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"GaussNewton needs a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(model, RevMLP):
             check_right_inverse(model, inverse)
+        _check_lr_positive(lr)
         defaults = dict(
             lr=lr, loss=loss, hessian=hessian, inverse=inverse, rtol=rtol, atol=atol, damping=damping,
             least_squares=least_squares, weight_decay=weight_decay, noise=noise, solve_dtype=solve_dtype,
@@ -110,7 +114,6 @@ class GaussNewton(torch.optim.Optimizer):
         for group in self.param_groups:
             _check_group(group)
         settings = self._direction_settings()
-        settings["solve_dtype"] = _SOLVE_DTYPES[settings["solve_dtype"]]
         result = compute_direction(self.model, inputs, targets, **settings)
         name_of = {p: name for name, p in self.model.named_parameters()}
         updated: list[tuple[Tensor, Tensor]] = []
@@ -138,10 +141,20 @@ class GaussNewton(torch.optim.Optimizer):
         return result.loss
 
 
+def _check_lr_positive(lr: object) -> None:
+    """The constructor's ``lr`` must be > 0 (a scheduler may later anneal a group's rate to 0)."""
+    value = float(lr) if isinstance(lr, Tensor) and lr.numel() == 1 else lr
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value <= 0:
+        never = ": the optimiser would never move the parameters" if number and value == 0 else ""
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}{never}")
+
+
 def _check_group(group: dict[str, Any]) -> None:
+    """Validate a parameter group's settings; stores ``solve_dtype`` by name (``None``, float32, float64)."""
     lr = group["lr"]
     if isinstance(lr, Tensor):
-        lr = float(lr)
+        lr = float(lr) if lr.numel() == 1 else lr
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
         raise ValueError(f"lr must be a finite number >= 0, got {group['lr']!r}")
     check_choice("loss", group["loss"], LOSSES)
@@ -152,7 +165,7 @@ def _check_group(group: dict[str, Any]) -> None:
         value = group[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
-    if group["solve_dtype"] not in _SOLVE_DTYPES:
-        raise ValueError(f"solve_dtype must be None, 'float32' or 'float64', got {group['solve_dtype']!r}")
+    solve = as_solve_dtype(group["solve_dtype"])
+    group["solve_dtype"] = None if solve is None else str(solve).removeprefix("torch.")
     if not isinstance(group["least_squares"], bool):
         raise ValueError(f"least_squares must be True or False, got {group['least_squares']!r}")

@@ -24,15 +24,41 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["DTYPES", "ERROR_BOUNDS", "dtype_from_name", "matmul_precision", "tf32_enabled", "unit_roundoff"]
-
-#: The floating-point dtypes exactgn computes in, by the names configurations and options use.
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
+__all__ = [
+    "DTYPES", "ERROR_BOUNDS", "SOLVE_DTYPES", "as_solve_dtype", "dtype_from_name", "working_dtype",
+    "matmul_precision", "tf32_enabled", "unit_roundoff",
+]
 
 #: Documented relative error bounds of a GN direction for each precision, on well-conditioned batches.
 ERROR_BOUNDS = {"float64": 1e-10, "float32": 1e-5, "tf32": 1e-2}
 
 _TF32_UNIT_ROUNDOFF = 2.0**-11  # 10 explicit mantissa bits
+
+#: The precisions the Gram factorisations run in (torch has no float16/bfloat16 Cholesky or eigh).
+#: The floating-point dtypes exactgn computes and solves in, by the names configurations and options use.
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
+SOLVE_DTYPES = DTYPES  # the dtypes a Gram factorisation may use: the same two
+
+
+def as_solve_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    """``solve_dtype`` as a ``torch.dtype``: ``None`` (the model's precision), float32 or float64, given as a
+    ``torch.dtype`` or its name (``"float64"``, ``"torch.float64"``)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.removeprefix("torch.") in SOLVE_DTYPES:
+        return SOLVE_DTYPES[value.removeprefix("torch.")]
+    if isinstance(value, torch.dtype) and value in SOLVE_DTYPES.values():
+        return value
+    raise ValueError(
+        "solve_dtype must be None (the model's precision), 'float32' or 'float64' (or torch.float32/"
+        f"torch.float64), got {value!r}; the Gram factorisations need single or double precision"
+    )
+
+
+def working_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The precision GN steps are computed in for a model of ``model_dtype``: float32 for float16/bfloat16
+    models (their Grams overflow at float16's 65504 and torch cannot factorise them), else the model's."""
+    return torch.float32 if model_dtype in (torch.float16, torch.bfloat16) else model_dtype
 
 
 def dtype_from_name(name: str) -> torch.dtype:

@@ -108,3 +108,91 @@ def test_bad_inputs_are_refused():
         exactgn.gn_direction(model, bad, torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="shape \\(B, 8\\)"):
         model.inverse(torch.zeros(3, 6))
+
+
+@pytest.mark.parametrize("shape", [(0, 8), (0, 2, 4)])
+def test_an_empty_batch_is_refused_by_name(shape):
+    model = exactgn.RevMLP(8, 2, 1, 4)
+    with pytest.raises(ValueError, match=r"empty batch \(shape \(0, .*pass at least one sample"):
+        model(torch.zeros(shape))
+    with pytest.raises(ValueError, match="empty batch"):
+        exactgn.gn_direction(model, torch.zeros(shape), torch.zeros(0, dtype=torch.long))
+
+
+def test_complex_inputs_are_refused_not_made_real():
+    model = exactgn.RevMLP(8, 2, 1, 4)
+    x = torch.randn(3, 8, dtype=torch.complex64)
+    with pytest.raises(TypeError, match=r"complex \(torch.complex64\).*real network.*x.real"):
+        model(x)
+    with pytest.raises(TypeError, match="complex"):
+        exactgn.gn_direction(model, x, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"targets are complex.*integer class indices"):
+        exactgn.gn_direction(model, x.real, torch.zeros(3, dtype=torch.complex64))
+
+
+def test_inputs_that_overflow_the_model_dtype_are_named():
+    model = exactgn.RevMLP(8, 2, 1, 4, dtype=torch.float16)
+    x = torch.ones(3, 8)
+    x[1, 3] = 1e5  # finite in float32, beyond float16's 65504
+    message = r"overflow the model's dtype torch.float16 \(largest \|x\| = 1e\+05.*rescale the inputs"
+    with pytest.raises(ValueError, match=message):
+        model(x)
+    x[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="contain NaN or infinite"):
+        model(x)
+
+
+def test_dtype_may_be_named_and_must_be_a_supported_float():
+    assert exactgn.RevMLP(8, 2, 1, 4, dtype="float64").readout.dtype == F64
+    assert exactgn.RevMLP(8, 2, 1, 4, dtype="torch.bfloat16").blocks[0].f.weight.dtype == torch.bfloat16
+    for bad in (torch.complex64, torch.int32, "float8", "double precision", None):
+        with pytest.raises(ValueError, match="dtype must be one of float64, float32, float16, bfloat16"):
+            exactgn.RevMLP(8, 2, 1, 4, dtype=bad)
+
+
+def _per_sample_ntk(model, x, unsqueeze):
+    """``JJᵀ`` from per-sample Jacobians: ``vmap`` over samples of ``jacrev`` of a ``functional_call``."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def logits(ps, sample):
+        if unsqueeze:  # the functorch recipe: a batch of one inside the vmap
+            return torch.func.functional_call(model, ps, (sample.unsqueeze(0),)).squeeze(0)
+        return torch.func.functional_call(model, ps, (sample,))
+
+    jac = torch.func.vmap(torch.func.jacrev(logits), in_dims=(None, 0))(params, x)  # name → B × k × shape
+    rows = x.shape[0] * model.num_classes
+    flat_jac = torch.cat([jac[name].reshape(rows, -1) for name in params], dim=1)
+    return flat_jac @ flat_jac.T
+
+
+@pytest.mark.parametrize("unsqueeze", [False, True])
+@pytest.mark.parametrize("hidden", [16, None])
+def test_vmap_of_jacrev_over_samples_gives_the_ntk(rng, unsqueeze, hidden):
+    model = random_model(rng, in_features=30, num_classes=4, num_blocks=3, hidden=hidden)
+    x = torch.randn(6, 30, generator=rng, dtype=F64)
+    ntk = exactgn.ntk_gram(model, x)
+    assert (_per_sample_ntk(model, x, unsqueeze) - ntk).norm() / ntk.norm() <= 1e-12
+
+
+def test_vmap_over_samples_matches_the_batched_forward_and_eager_checks_remain(rng):
+    model = random_model(rng, in_features=24, num_classes=3, num_blocks=2, hidden=10)
+    x = torch.randn(5, 24, generator=rng, dtype=F64)
+    assert torch.allclose(torch.func.vmap(model)(x), model(x), rtol=1e-14, atol=1e-14)
+    images = x.reshape(5, 1, 2, 12)  # a per-sample image is passed as a batch of one
+    assert torch.allclose(torch.func.vmap(model)(images)[:, 0], model(x), rtol=1e-14, atol=1e-14)
+    with pytest.raises(ValueError, match="no batch dimension"):  # outside a transform a sample needs a batch
+        model(x[0])
+
+
+def test_functional_call_uses_the_given_parameters_and_buffers(rng):
+    model = random_model(rng, in_features=24, num_classes=3, num_blocks=2, hidden=10)
+    other = random_model(rng, in_features=24, num_classes=3, num_blocks=2, hidden=10)
+    x = torch.randn(5, 24, generator=rng, dtype=F64)
+    swapped = torch.func.functional_call(model, dict(other.state_dict()), (x,))
+    assert torch.equal(swapped, other(x))
+    assert (swapped - model(x)).norm() > 1e-3 * swapped.norm()  # the call really used other's tensors
+    params = dict(other.named_parameters())
+    grads = torch.func.grad(lambda ps: torch.func.functional_call(other, ps, (x,)).sum())(params)
+    other(x).sum().backward()
+    for name, p in params.items():
+        assert torch.allclose(grads[name], p.grad, rtol=1e-12, atol=1e-14), name

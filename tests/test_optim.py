@@ -113,19 +113,72 @@ def test_a_step_that_would_overflow_changes_nothing(rng):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(lr=-1.0), "lr must be"),
-        (dict(lr=float("nan")), "lr must be"),
-        (dict(weight_decay=-0.1), "weight_decay"),
-        (dict(noise=float("inf")), "noise"),
-        (dict(inverse="cg"), "inverse must be one of"),
-        (dict(solve_dtype="float16"), "solve_dtype"),
-        (dict(damping=-1.0), "damping"),
+        (dict(lr=-1.0), r"lr must be a finite number > 0, got -1.0$"),
+        (dict(lr=0.0), r"lr must be a finite number > 0, got 0.0: the optimiser would never move"),
+        (dict(lr=float("nan")), "lr must be a finite number > 0, got nan"),
+        (dict(lr=float("inf")), "lr must be a finite number > 0, got inf"),
+        (dict(lr=torch.tensor(0.0)), "lr must be a finite number > 0"),
+        (dict(lr="0.1"), "lr must be a finite number > 0, got '0.1'"),
+        (dict(lr=True), "lr must be a finite number > 0, got True"),
+        (dict(weight_decay=-0.1), "weight_decay must be a finite number >= 0, got -0.1"),
+        (dict(noise=float("inf")), "noise must be a finite number >= 0, got inf"),
+        (dict(inverse="cg"), "inverse must be one of 'right', 'pinv'; got 'cg'"),
+        (dict(loss="hinge"), "loss must be one of 'cross_entropy', 'mse'; got 'hinge'"),
+        (dict(hessian=None), "hessian must be one of 'exact', 'identity'; got None"),
+        (dict(solve_dtype="float16"), "solve_dtype must be None .* got 'float16'; the Gram factorisations"),
+        (dict(solve_dtype=torch.bfloat16), "solve_dtype must be None .* got torch.bfloat16"),
+        (dict(damping=-1.0), "damping must be a finite number >= 0, got -1.0"),
+        (dict(rtol=float("nan")), "rtol must be a finite number >= 0, got nan"),
+        (dict(least_squares="yes"), "least_squares must be True or False, got 'yes'"),
     ],
 )
 def test_bad_hyper_parameters(rng, kwargs, message):
     model, _, _ = _setup(rng)
     with pytest.raises(ValueError, match=message):
         exactgn.GaussNewton(model, **kwargs)
+    with pytest.raises(TypeError, match="exists only for an exactgn.RevMLP.*got Linear.*inverse=.pinv."):
+        exactgn.GaussNewton(torch.nn.Linear(2, 2), **{**kwargs, "inverse": "right"})  # checked first
+
+
+def test_a_scheduler_may_anneal_the_rate_to_zero(rng):
+    model, x, y = _setup(rng)
+    opt = exactgn.GaussNewton(model, lr=0.5)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.0)  # lr 0 from the start: allowed once built
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(x, y)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    opt.param_groups[0]["lr"] = -0.1
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0, got -0.1"):
+        opt.step(x, y)
+
+
+def test_solve_dtype_may_be_a_torch_dtype_and_is_stored_by_name(rng):
+    model, x, y = _setup(rng)
+    twin = random_model(rng, in_features=24, num_classes=3, num_blocks=2, hidden=16)
+    twin.load_state_dict(model.state_dict())
+    model, twin = model.float(), twin.float()
+    typed = exactgn.GaussNewton(model, lr=0.5, solve_dtype=F64)
+    named = exactgn.GaussNewton(twin, lr=0.5, solve_dtype="torch.float64")
+    assert typed.param_groups[0]["solve_dtype"] == named.param_groups[0]["solve_dtype"] == "float64"
+    typed.step(x.float(), y)
+    named.step(x.float(), y)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_take_the_rounded_step(rng, dtype):
+    model = random_model(rng, in_features=24, num_classes=3, num_blocks=2, hidden=16, init_std=0.1,
+                         dtype=dtype)
+    x = torch.randn(6, 24, generator=rng)
+    y = torch.randint(0, 3, (6,), generator=rng)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    direction = exactgn.gn_direction(model, x, y)
+    assert all(d.dtype == dtype and torch.isfinite(d).all() for d in direction.values())
+    opt = exactgn.GaussNewton(model, lr=0.5)
+    opt.step(x, y)
+    for name, p in model.named_parameters():
+        assert p.dtype == dtype and torch.equal(p, before[name] - 0.5 * direction[name]), name
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 @pytest.mark.parametrize("inverse", ["right", "pinv"])
