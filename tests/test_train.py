@@ -280,7 +280,8 @@ name = "gn"
 lr = 1.0
 [optim.gn]
 inverse = "{inverse}"
-least_squares = {"true" if inverse == "right" else "false"}  # the identity block's A = [b, 1] is numerically rank-deficient on MNIST
+# the identity block's A = [b, 1] is numerically rank-deficient on MNIST
+least_squares = {"true" if inverse == "right" else "false"}
 [train]
 loss = "mse"
 epochs = 3

@@ -165,7 +165,8 @@ class _InterruptGuard:
     def _handler(self, signum: int, frame: Any) -> None:
         if self.critical and not self.pending:
             self.pending = True
-            print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again aborts without saving)",
+            print("\nCtrl-C: finishing this step, then saving a checkpoint "
+                  "(Ctrl-C again aborts without saving)",
                   file=sys.stderr, flush=True)
             return
         raise KeyboardInterrupt
