@@ -9,9 +9,6 @@ Quick start::
 """
 
 from .errors import ExactGNError, InexactStepError, NonFiniteError
-from .gn import GNResult, compute_direction, gn_direction, jvp_logits, ntk_gram, output_cotangents
-from .linalg import GramFallbackWarning, Regularisation, gram_solve
-from .losses import loss_value, newton_target
 from .generic import (
     MemoryBoundError,
     RightInverseError,
@@ -20,6 +17,9 @@ from .generic import (
     generic_ntk_gram,
     gn_step_flops,
 )
+from .gn import GNResult, compute_direction, gn_direction, jvp_logits, ntk_gram, output_cotangents
+from .linalg import GramFallbackWarning, Regularisation, gram_solve
+from .losses import loss_value, newton_target
 from .model import RevMLP
 from .models import MLP, ResMLP, mlp_width_for
 from .optim import GaussNewton

@@ -26,13 +26,28 @@ def _wrap(text: str) -> str:
 
 def _common_options(p: argparse.ArgumentParser) -> None:
     """Options shared by ``train``, ``compare``, ``study`` (and, in part, ``demo``)."""
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (dotted, e.g. optim.lr=0.5 or train.epochs=10); repeatable")
-    p.add_argument("--data-root", metavar="DIR", help="folder holding MNIST/raw/ and cifar-10-batches-py/ "
-                   "(default: data.root of the config, else $EXACTGN_DATA)")
-    p.add_argument("--download", action="store_true", help="download missing dataset files (needs torchvision)")
-    p.add_argument("--device", metavar="DEVICE",
-                   help="auto, cpu, cuda, cuda:N or mps (default: train.device of the config)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (dotted, e.g. optim.lr=0.5 or train.epochs=10); repeatable",
+    )
+    p.add_argument(
+        "--data-root",
+        metavar="DIR",
+        help="folder holding MNIST/raw/ and cifar-10-batches-py/ "
+        "(default: data.root of the config, else $EXACTGN_DATA)",
+    )
+    p.add_argument(
+        "--download", action="store_true", help="download missing dataset files (needs torchvision)"
+    )
+    p.add_argument(
+        "--device",
+        metavar="DEVICE",
+        help="auto, cpu, cuda, cuda:N or mps (default: train.device of the config)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
 
 
@@ -65,12 +80,19 @@ def _add_demo(sub: Sub) -> None:
         description="The first thing to run. Trains a RevMLP (L=2, h=1024) on the small MNIST subset bundled "
         "with exactgn (no download) with exact Gauss-Newton, Adam and SGD at the reference study's learning "
         "rates: once full-batch (1024 images, 20 steps) and once with mini-batches (5000 images, batches of "
-        "1000/1024, 15 epochs). Prints the two comparison tables (final and best train/test loss and accuracy). "
+        "1000/1024, 15 epochs). Prints the two comparison tables (final and best train/test loss and "
+        "accuracy). "
         "About two to three minutes on two CPU cores.",
     )
     p.add_argument("--out", metavar="DIR", help="folder for the runs (default runs/demo-<time>)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key in every run (e.g. train.epochs=5); repeatable")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key in every run (e.g. train.epochs=5); repeatable",
+    )
     p.add_argument("--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_demo)
@@ -82,8 +104,11 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
     start = time.perf_counter()
-    print("exactgn demo: exact Gauss-Newton vs Adam vs SGD on the bundled MNIST subset "
-          "(RevMLP d=784, L=2, h=1024; reference learning rates).", flush=True)
+    print(
+        "exactgn demo: exact Gauss-Newton vs Adam vs SGD on the bundled MNIST subset "
+        "(RevMLP d=784, L=2, h=1024; reference learning rates).",
+        flush=True,
+    )
     try:
         out = run_demo(args.out, overrides=overrides, progress=not args.quiet)
     except TrainingInterrupted as exc:
@@ -95,8 +120,10 @@ def _run_demo(args: argparse.Namespace) -> int:
     if text:
         print()
         print(text)
-    print(f"\nRuns, logs and tables are in {out}/ (see docs/run-folder.md); demo took "
-          f"{time.perf_counter() - start:.0f} s.")
+    print(
+        f"\nRuns, logs and tables are in {out}/ (see docs/run-folder.md); demo took "
+        f"{time.perf_counter() - start:.0f} s."
+    )
     print("Next: exactgn compare mnist-fullbatch-cpu --data-root DIR (real MNIST), exactgn train --help.")
     return 0
 
@@ -113,15 +140,23 @@ def _add_train(sub: Sub) -> None:
             "Train one run as the TOML file CONFIG says, into a new folder runs/<name>-<optimiser>-<time>/ "
             "(or --out DIR): config.toml, meta.json, steps.csv/jsonl, epochs.csv/jsonl, checkpoints/ "
             "(see docs/run-folder.md). CONFIG is a path or a shipped experiment name such as "
-            "mnist-fullbatch/gn. Ctrl-C saves a checkpoint; --resume RUN_DIR continues it."),
-        epilog=_wrap(f"shipped experiments: SETTING/OPTIMISER ({', '.join(OPTIMISERS)}) for SETTING in "
-                     + ", ".join(list_settings()) + f" ({len(list_experiments())} files)"),
+            "mnist-fullbatch/gn. Ctrl-C saves a checkpoint; --resume RUN_DIR continues it."
+        ),
+        epilog=_wrap(
+            f"shipped experiments: SETTING/OPTIMISER ({', '.join(OPTIMISERS)}) for SETTING in "
+            + ", ".join(list_settings())
+            + f" ({len(list_experiments())} files)"
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", nargs="?", metavar="CONFIG", help="TOML file or shipped experiment name")
     p.add_argument("--out", metavar="DIR", help="run folder to create (must not exist or be empty)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
-                   f"(--set may then change only: {', '.join(RESUMABLE_KEYS)})")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last checkpoint "
+        f"(--set may then change only: {', '.join(RESUMABLE_KEYS)})",
+    )
     _common_options(p)
     p.set_defaults(func=_run_train)
 
@@ -135,8 +170,10 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.resume and (args.config or args.out):
         raise ValueError("give either CONFIG (with --out) or --resume RUN_DIR, not both")
     if not args.resume and not args.config:
-        raise ValueError("a CONFIG is needed (a TOML file or a shipped experiment such as mnist-small/gn), "
-                         "or --resume RUN_DIR")
+        raise ValueError(
+            "a CONFIG is needed (a TOML file or a shipped experiment such as mnist-small/gn), "
+            "or --resume RUN_DIR"
+        )
     try:
         if args.resume:
             run_dir = train(None, resume=args.resume, overrides=overrides, progress=not args.quiet)
@@ -145,8 +182,10 @@ def _run_train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as exc:
         return _interrupted("train", exc)
     meta = read_meta(run_dir)
-    print(f"{meta['status']}: {run_dir} ({meta['epochs_done']} epochs, {meta['global_step']} steps, "
-          f"{meta['wall_time_s']:.1f} s)")
+    print(
+        f"{meta['status']}: {run_dir} ({meta['epochs_done']} epochs, {meta['global_step']} steps, "
+        f"{meta['wall_time_s']:.1f} s)"
+    )
     return 0 if meta["status"] == "finished" else 1
 
 
@@ -158,19 +197,29 @@ def _add_compare(sub: Sub) -> None:
         "compare",
         help="train one setting with each of its optimisers and tabulate the results",
         description=_wrap(
-            "Train the same setting with each optimiser it has a file for (gn.toml, adam.toml, sgd.toml, ...), "
-            "one after the other, into OUT/<optimiser>/, then print a table of final and best train/test loss "
+            "Train the same setting with each optimiser it has a file for (gn.toml, adam.toml, sgd.toml, "
+            "...), "
+            "one after the other, into OUT/<optimiser>/, then print a table of final and best train/test "
+            "loss "
             "and accuracy and write it to OUT/comparison.md and OUT/comparison.csv. SETTING is a shipped "
-            "setting or a folder holding the files."),
+            "setting or a folder holding the files."
+        ),
         epilog=_wrap("shipped settings: " + ", ".join(list_settings())),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("setting", metavar="SETTING", help="shipped setting (e.g. mnist-fullbatch-cpu) or a folder")
-    p.add_argument("--out", metavar="DIR",
-                   help="folder for the runs and tables (default runs/compare-<setting>-<time>)")
+    p.add_argument(
+        "setting", metavar="SETTING", help="shipped setting (e.g. mnist-fullbatch-cpu) or a folder"
+    )
+    p.add_argument(
+        "--out", metavar="DIR", help="folder for the runs and tables (default runs/compare-<setting>-<time>)"
+    )
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted comparison in DIR")
-    p.add_argument("--optimisers", default=None, metavar="LIST",
-                   help=f"comma-separated subset of {','.join(OPTIMISERS)} (default: every file of the setting)")
+    p.add_argument(
+        "--optimisers",
+        default=None,
+        metavar="LIST",
+        help=f"comma-separated subset of {','.join(OPTIMISERS)} (default: every file of the setting)",
+    )
     _common_options(p)
     p.set_defaults(func=_run_compare)
 
@@ -184,8 +233,14 @@ def _run_compare(args: argparse.Namespace) -> int:
         raise ValueError("give --out for a new comparison or --resume DIR to continue one, not both")
     optimisers = [o.strip() for o in args.optimisers.split(",") if o.strip()] if args.optimisers else None
     try:
-        out = compare(args.setting, args.resume or args.out, overrides=_overrides(args), optimisers=optimisers,
-                      resume=bool(args.resume), progress=not args.quiet)
+        out = compare(
+            args.setting,
+            args.resume or args.out,
+            overrides=_overrides(args),
+            optimisers=optimisers,
+            resume=bool(args.resume),
+            progress=not args.quiet,
+        )
     except TrainingInterrupted as exc:
         hint = f"continue the comparison with: exactgn compare {args.setting} --resume {exc.run_dir.parent}"
         return _interrupted("compare", exc, hint)
@@ -201,23 +256,43 @@ def _add_diagnose(sub: Sub) -> None:
         "diagnose",
         help="NTK, CKA and weight diagnostics of a run, from its epoch checkpoints",
         description="Recompute the diagnostics of DESIGN §5 from RUN_DIR/checkpoints/epoch_NNNN.pt (written "
-        "when the run has train.keep_checkpoints = true): exact NTK alignment with the initial NTK and its rate "
-        "of change, the reference's random-probe NTK estimate, linear CKA (biased and unbiased) of every block "
+        "when the run has train.keep_checkpoints = true): exact NTK alignment with the initial NTK and its "
+        "rate "
+        "of change, the reference's random-probe NTK estimate, linear CKA (biased and unbiased) of every "
+        "block "
         "against initialisation, and per-half-layer weight change. Writes RUN_DIR/diagnostics.jsonl.",
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder with checkpoints/epoch_0000.pt and later ones")
-    p.add_argument("--probe-size", type=int, default=None,
-                   help="probe samples B: the first B training images of the run's dataset (default: the run's "
-                   "diagnostics.probe_size, else 256; the NTK is Bk × Bk)")
-    p.add_argument("--every", type=int, default=1, help="use checkpoints whose epoch is a multiple of K (default 1)")
-    p.add_argument("--probe", metavar="FILE.pt", help="use this probe batch instead (a tensor B × d saved with "
-                   "torch.save); --probe-size still caps B")
-    p.add_argument("--data-root", metavar="DIR", help="data root for the probe images (default: the run's "
-                   "data.root, else $EXACTGN_DATA)")
+    p.add_argument(
+        "run_dir", metavar="RUN_DIR", help="a run folder with checkpoints/epoch_0000.pt and later ones"
+    )
+    p.add_argument(
+        "--probe-size",
+        type=int,
+        default=None,
+        help="probe samples B: the first B training images of the run's dataset (default: the run's "
+        "diagnostics.probe_size, else 256; the NTK is Bk × Bk)",
+    )
+    p.add_argument(
+        "--every", type=int, default=1, help="use checkpoints whose epoch is a multiple of K (default 1)"
+    )
+    p.add_argument(
+        "--probe",
+        metavar="FILE.pt",
+        help="use this probe batch instead (a tensor B × d saved with torch.save); --probe-size still caps B",
+    )
+    p.add_argument(
+        "--data-root",
+        metavar="DIR",
+        help="data root for the probe images (default: the run's data.root, else $EXACTGN_DATA)",
+    )
     p.add_argument("--out", metavar="FILE", help="write here instead of RUN_DIR/diagnostics.jsonl")
     p.add_argument("--overwrite", action="store_true", help="replace an existing diagnostics file")
-    p.add_argument("--dtype", choices=("float64", "model"), default="float64",
-                   help="precision of the diagnostics (default float64; 'model' uses the checkpoint's dtype)")
+    p.add_argument(
+        "--dtype",
+        choices=("float64", "model"),
+        default="float64",
+        help="precision of the diagnostics (default float64; 'model' uses the checkpoint's dtype)",
+    )
     p.add_argument("--no-ntk", action="store_true", help="skip the NTK metrics (the costliest part)")
     p.set_defaults(func=_run_diagnose)
 
@@ -231,16 +306,25 @@ def _run_diagnose(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     probe = read_probe(args.probe) if args.probe else None
     records = diagnose_run(
-        args.run_dir, probe_size=args.probe_size, every=args.every, out=args.out, overwrite=args.overwrite,
-        probe_inputs=probe, data_root=args.data_root, progress=True,
-        dtype=torch.float64 if args.dtype == "float64" else None, ntk=not args.no_ntk,
+        args.run_dir,
+        probe_size=args.probe_size,
+        every=args.every,
+        out=args.out,
+        overwrite=args.overwrite,
+        probe_inputs=probe,
+        data_root=args.data_root,
+        progress=True,
+        dtype=torch.float64 if args.dtype == "float64" else None,
+        ntk=not args.no_ntk,
     )
     target = args.out or str(diagnostics_path(args.run_dir))
     last = records[-1]
     keys = ("ntk_alignment", "ntk_probe_cosine", "cka/block0", "weight_rel_change/all")
     summary = ", ".join(f"{k} {last[k]:.6g}" for k in keys if k in last)
-    print(f"wrote {len(records)} records to {target} in {time.perf_counter() - start:.1f} s; "
-          f"epoch {last['epoch']}: {summary}")
+    print(
+        f"wrote {len(records)} records to {target} in {time.perf_counter() - start:.1f} s; "
+        f"epoch {last['epoch']}: {summary}"
+    )
     return 0
 
 
@@ -249,33 +333,58 @@ def _add_report(sub: Sub) -> None:
     p = sub.add_parser(
         "report",
         help="PNG figures and one self-contained HTML page from run folders",
-        description="Read run folders (or folders of run folders, searched recursively) and write PNG figures "
+        description="Read run folders (or folders of run folders, searched recursively) and write PNG "
+        "figures "
         "and one self-contained HTML page (figures embedded, summary tables, every run's configuration, meta "
         "and git revision, and the environment). Runs are grouped by dataset and full-/mini-batch setting; "
         "seeds of one setting are drawn as mean and band.",
     )
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or folders containing run folders")
+    p.add_argument(
+        "run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or folders containing run folders"
+    )
     p.add_argument("--out", metavar="DIR", default="report", help="output folder (default ./report)")
-    p.add_argument("--band", choices=("minmax", "std"), default="minmax",
-                   help="band drawn around the mean over seeds: min–max (default) or ±1 std")
+    p.add_argument(
+        "--band",
+        choices=("minmax", "std"),
+        default="minmax",
+        help="band drawn around the mean over seeds: min–max (default) or ±1 std",
+    )
     p.add_argument("--title", default="exactgn report", help="title of the HTML page")
-    p.add_argument("--cross-cka", action="store_true",
-                   help="also compute CKA between the final models of every pair of series (optimiser against "
-                   "optimiser); needs the runs' checkpoints and data")
+    p.add_argument(
+        "--cross-cka",
+        action="store_true",
+        help="also compute CKA between the final models of every pair of series (optimiser against "
+        "optimiser); needs the runs' checkpoints and data",
+    )
     p.add_argument("--probe-size", type=int, default=256, help="probe images for --cross-cka (default 256)")
-    p.add_argument("--data-root", metavar="DIR", help="data root for --cross-cka (default: the runs' data.root, "
-                   "else $EXACTGN_DATA)")
-    p.add_argument("--matched-loss", type=float, metavar="LOSS",
-                   help="with several runs: add a table of each run's diagnostics at the first record whose "
-                   "training loss is at or below LOSS (comparisons at matched training loss, not matched steps)")
+    p.add_argument(
+        "--data-root",
+        metavar="DIR",
+        help="data root for --cross-cka (default: the runs' data.root, else $EXACTGN_DATA)",
+    )
+    p.add_argument(
+        "--matched-loss",
+        type=float,
+        metavar="LOSS",
+        help="with several runs: add a table of each run's diagnostics at the first record whose "
+        "training loss is at or below LOSS (comparisons at matched training loss, not matched steps)",
+    )
     p.set_defaults(func=_run_report)
 
 
 def _run_report(args: argparse.Namespace) -> int:
     from .lab.report import make_report
 
-    page = make_report(args.run_dirs, args.out, band=args.band, title=args.title, cross_cka=args.cross_cka,
-                       probe_size=args.probe_size, data_root=args.data_root, matched_loss=args.matched_loss)
+    page = make_report(
+        args.run_dirs,
+        args.out,
+        band=args.band,
+        title=args.title,
+        cross_cka=args.cross_cka,
+        probe_size=args.probe_size,
+        data_root=args.data_root,
+        matched_loss=args.matched_loss,
+    )
     pngs = sorted(p.name for p in page.parent.glob("*.png"))
     print(f"wrote {page} and {len(pngs)} figure(s) in {page.parent}")
     return 0
@@ -286,14 +395,17 @@ def _add_sweep(sub: Sub) -> None:
     p = sub.add_parser(
         "sweep",
         help="grid or random search over config keys, on Ray Tune or one trial after another",
-        description="Run every trial of SWEEP.toml (a base config plus [grid] or [random] keys to vary): with "
+        description="Run every trial of SWEEP.toml (a base config plus [grid] or [random] keys to vary): "
+        "with "
         "Ray Tune when it is installed (one trial per GPU or per cpus_per_trial CPU slots, on a local Ray "
         "instance or the cluster at [ray] address), else one after another. Each trial is a run folder "
         "OUT/trial-NNN; OUT/results.csv holds final and best results. Rerunning skips finished trials and "
         "resumes interrupted ones. `exactgn report OUT` draws the seeds of each setting as mean and band.",
         epilog="example: exactgn sweep $(python -c 'import exactgn.lab.sweep as s; print(s.EXAMPLE)')",
     )
-    p.add_argument("sweep", metavar="SWEEP.toml", help="the sweep file (see the module docstring or the README)")
+    p.add_argument(
+        "sweep", metavar="SWEEP.toml", help="the sweep file (see the module docstring or the README)"
+    )
     p.add_argument("--out", metavar="DIR", help="sweep folder (default sweeps/<name>)")
     p.add_argument("--backend", choices=("auto", "ray", "sequential"), help="override the file's backend")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -316,28 +428,47 @@ def _add_study(sub: Sub) -> None:
     p = sub.add_parser(
         "study",
         help="run an appendix study (a sweep, or a list of dependent runs such as switching optimiser)",
-        description="\n\n".join([
-            _wrap("Run a study: a shipped one by name (exactgn study --list) or a TOML file. A study file is "
-                  "either a sweep file (base + [grid]/[random], as exactgn sweep reads it: trials go to "
-                  "OUT/trial-NNN) or a list of [[run]] tables run one after the other into OUT/<run name>/; a "
-                  "run with init_from = \"NAME\" starts from the final weights of the earlier run NAME (or, "
-                  "with init_epoch = N, from its checkpoints/epoch_NNNN.pt) with a fresh optimiser: Adam for "
-                  "N epochs then GN, and so on."),
-            _wrap("Rerunning the same command skips finished runs and resumes interrupted ones. OUT/results.csv "
-                  "and OUT/results.md hold final and best results per run (start_epoch: where a switched run "
-                  "starts on its source's epoch axis); exactgn report OUT draws the runs. Default OUT: "
-                  "runs/studies/<name>."),
-        ]),
+        description="\n\n".join(
+            [
+                _wrap(
+                    "Run a study: a shipped one by name (exactgn study --list) or a TOML file. A study file "
+                    "is "
+                    "either a sweep file (base + [grid]/[random], as exactgn sweep reads it: trials go to "
+                    "OUT/trial-NNN) or a list of [[run]] tables run one after the other into OUT/<run "
+                    "name>/; a "
+                    'run with init_from = "NAME" starts from the final weights of the earlier run NAME (or, '
+                    "with init_epoch = N, from its checkpoints/epoch_NNNN.pt) with a fresh optimiser: Adam "
+                    "for "
+                    "N epochs then GN, and so on."
+                ),
+                _wrap(
+                    "Rerunning the same command skips finished runs and resumes interrupted ones. "
+                    "OUT/results.csv "
+                    "and OUT/results.md hold final and best results per run (start_epoch: where a switched "
+                    "run "
+                    "starts on its source's epoch axis); exactgn report OUT draws the runs. Default OUT: "
+                    "runs/studies/<name>."
+                ),
+            ]
+        ),
         epilog="shipped studies:\n" + "\n".join(shipped_lines()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("study", nargs="?", metavar="STUDY", help="shipped study name or a TOML file")
-    p.add_argument("--out", metavar="DIR",
-                   help="study folder (default runs/studies/<name>); rerun with the same DIR to resume")
-    p.add_argument("--backend", choices=("auto", "ray", "sequential"),
-                   help="sweep files only: override the file's backend")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="study folder (default runs/studies/<name>); rerun with the same DIR to resume",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("auto", "ray", "sequential"),
+        help="sweep files only: override the file's backend",
+    )
     p.add_argument("--list", action="store_true", help="list the shipped studies and exit")
-    p.add_argument("--dry-run", action="store_true", help="print the runs (or trials) the study would make, and exit")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the runs (or trials) the study would make, and exit"
+    )
     _common_options(p)
     p.set_defaults(func=_run_study)
 
@@ -349,7 +480,9 @@ def _study_overrides(args: argparse.Namespace, kind: str) -> list[str]:
     if args.data_root:
         os.environ["EXACTGN_DATA"] = str(Path(args.data_root).resolve())
     if args.device:
-        raise ValueError("--device does not apply to sweep files; set \"train.device\" in the sweep's [set] table")
+        raise ValueError(
+            '--device does not apply to sweep files; set "train.device" in the sweep\'s [set] table'
+        )
     return list(args.overrides) + (["data.download=true"] if args.download else [])
 
 
@@ -369,9 +502,13 @@ def _run_study(args: argparse.Namespace) -> int:
         print(plan(args.study, overrides), end="")
         return 0
     try:
-        out = run_study(args.study, args.out, overrides=overrides, backend=args.backend, progress=not args.quiet)
+        out = run_study(
+            args.study, args.out, overrides=overrides, backend=args.backend, progress=not args.quiet
+        )
     except TrainingInterrupted as exc:
-        return _interrupted("study", exc, "continue the study with the same command (and --out, if you gave one)")
+        return _interrupted(
+            "study", exc, "continue the study with the same command (and --out, if you gave one)"
+        )
     if (out / "results.md").is_file() and kind == "runs":
         print((out / "results.md").read_text(), end="")
         print(f"study folder: {out}")
@@ -396,21 +533,35 @@ def _add_bench(sub: Sub) -> None:
         "Adam step, with the counted FLOPs of each step.",
     )
     p.add_argument("--features", type=int, default=784, help="input size d (default 784)")
-    p.add_argument("--hidden", type=_hidden, default=1024, help="bottleneck width h, or 'none' (default 1024)")
+    p.add_argument(
+        "--hidden", type=_hidden, default=1024, help="bottleneck width h, or 'none' (default 1024)"
+    )
     p.add_argument("--blocks", type=int, default=2, help="coupling blocks L (default 2)")
     p.add_argument("--batch", type=int, default=256, help="batch size B (default 256)")
     p.add_argument("--classes", type=int, default=10, help="classes k (default 10)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
+    p.add_argument(
+        "--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu"
+    )
     p.add_argument("--repeats", type=int, default=10, help="timed repetitions per step (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed repetitions first (default 2)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--solve-dtype", choices=("float32", "float64"), default=None,
-                   help="precision of the Gram factorisations (default: the model's)")
+    p.add_argument(
+        "--solve-dtype",
+        choices=("float32", "float64"),
+        default=None,
+        help="precision of the Gram factorisations (default: the model's)",
+    )
     p.add_argument("--tf32", action="store_true", help="allow TF32 matrix products on CUDA")
-    p.add_argument("--rtol", type=float, default=0.0,
-                   help="truncate both GN steps' solves at rtol·σ_max (default 0: exact; the reference settings "
-                   "use 1e-2). Truncated solves use eigendecompositions instead of Cholesky factorisations")
-    p.add_argument("--atol", type=float, default=0.0, help="absolute truncation (default 0; the reference uses 1e-5)")
+    p.add_argument(
+        "--rtol",
+        type=float,
+        default=0.0,
+        help="truncate both GN steps' solves at rtol·σ_max (default 0: exact; the reference settings "
+        "use 1e-2). Truncated solves use eigendecompositions instead of Cholesky factorisations",
+    )
+    p.add_argument(
+        "--atol", type=float, default=0.0, help="absolute truncation (default 0; the reference uses 1e-5)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.set_defaults(func=_run_bench)
@@ -428,9 +579,20 @@ def _run_bench(args: argparse.Namespace) -> int:
         if not getattr(args, name) >= 0:
             raise SystemExit(f"exactgn bench: --{name} must be a number >= 0 (0 = no truncation)")
     cfg = BenchConfig(
-        features=args.features, hidden=args.hidden, blocks=args.blocks, batch=args.batch, classes=args.classes,
-        device=args.device, repeats=args.repeats, warmup=args.warmup, dtype=args.dtype,
-        solve_dtype=args.solve_dtype, tf32=args.tf32, rtol=args.rtol, atol=args.atol, seed=args.seed,
+        features=args.features,
+        hidden=args.hidden,
+        blocks=args.blocks,
+        batch=args.batch,
+        classes=args.classes,
+        device=args.device,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        dtype=args.dtype,
+        solve_dtype=args.solve_dtype,
+        tf32=args.tf32,
+        rtol=args.rtol,
+        atol=args.atol,
+        seed=args.seed,
     )
     results = run_bench(cfg)
     print(format_table(results))
@@ -443,7 +605,14 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- main
 COMMANDS: tuple[Callable[[Sub], None], ...] = (
-    _add_demo, _add_train, _add_compare, _add_diagnose, _add_report, _add_sweep, _add_study, _add_bench,
+    _add_demo,
+    _add_train,
+    _add_compare,
+    _add_diagnose,
+    _add_report,
+    _add_sweep,
+    _add_study,
+    _add_bench,
 )
 
 

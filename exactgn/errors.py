@@ -14,4 +14,5 @@ class NonFiniteError(ExactGNError, FloatingPointError):
 
 
 class InexactStepError(ExactGNError, ValueError):
-    """The requested GN step cannot be exact at these sizes, and the caller did not accept a least-squares step."""
+    """The requested GN step cannot be exact at these sizes, and the caller did not accept a least-squares
+    step."""

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vmap
 
-from .errors import ExactGNError, InexactStepError
 from .core import INVERSES, GNResult, chunk_edges, symmetrise_lower
+from .errors import ExactGNError, InexactStepError
 from .linalg import Regularisation, gram_solve
 from .losses import HESSIANS, LOSSES, as_target_rows, check_choice, loss_value, newton_target
 

@@ -1,6 +1,7 @@
 """The Gauss–Newton mathematics of exactgn, in one place (DESIGN §3).
 
-* :func:`gn_direction` — the GN direction ``J♭v`` (tractable right inverse, §3a) or ``J⁺v`` (minimum norm, §3b)
+* :func:`gn_direction` — the GN direction ``J♭v`` (tractable right inverse, §3a) or ``J⁺v`` (minimum norm,
+§3b)
   with ``v = H⁺g``; the update is ``θ ← θ − lr·direction``.
 * :func:`ntk_gram` — the exact empirical NTK ``JJᵀ`` of a batch, ``Bk × Bk``, row ``i·k + c``.
 * :func:`output_cotangents` — ``M_j = ∂o/∂(output of half-layer j)`` for every half-layer, from ``k`` batched
@@ -38,11 +39,13 @@ __all__ = [
     "jvp_logits",
 ]
 
+
 # ---------------------------------------------------------------------------- shared pieces
 def activation_gram(record: HalfLayerRecord, *, lower: bool = False) -> Tensor:
     """``K_j = A_j A_jᵀ`` (``B × B``) with ``A_j = [φ(u C), 1]`` (the ones column only with a bias).
 
-    ``lower=True`` computes only the lower block triangle, in row chunks of whole samples (about 45% less work);
+    ``lower=True`` computes only the lower block triangle, in row chunks of whole samples (about 45% less
+    work);
     the strictly upper part of the result is then meaningless, which is all a Cholesky factorisation needs.
     """
     feats = record.features
@@ -79,12 +82,14 @@ def _column_step(
     """``ΔΘ = (A⁺ R)ᵀ`` through a small column Gram, for a batch larger than the rank bound of ``A``.
 
     ``A`` (``B × (h+1)``) is replaced by a matrix ``M`` (``B × c``, ``c`` = the rank bound) with the same
-    singular values and ``A⁺ = P M⁺`` for a map ``P`` with orthonormal columns: ``M = A`` when ``A`` has at most
+    singular values and ``A⁺ = P M⁺`` for a map ``P`` with orthonormal columns: ``M = A`` when ``A`` has at
+    most
     ``c`` columns; for the identity activation with ``h > n``, ``A = [u, 1]·diag(C, 1) = [u L, 1]·diag(Q, 1)``
     with ``C = L Q`` (:meth:`HalfLayer.proj_lq`), so ``M = [u L, 1]`` and ``P = diag(Qᵀ, 1)``. The regularised
     ``M⁺R = (MᵀM + λI)⁻¹MᵀR`` (or truncated) is then a ``c × c`` solve, and its singular-value cut-offs mean
     what they mean for ``A``. ``M`` is often rank-deficient (constant pixels, dead features), and the normal
-    equations are consistent, so a Cholesky solve would pass its residual check while adding null-space components
+    equations are consistent, so a Cholesky solve would pass its residual check while adding null-space
+    components
     of any size: the unregularised solve is the minimum-norm eigen-solve (``min_norm=True``).
 
     Also returns ``A ΔΘᵀ = M M⁺R`` (``B × n``), the change of the half-layer's output the step makes.
@@ -96,8 +101,15 @@ def _column_step(
         cols = _with_ones(record.inputs @ lower, bias)
     else:
         cols = _with_ones(record.features, bias)
-    coef, info = gram_solve(cols.T @ cols, cols.T @ rhs, reg, solve_dtype=solve_dtype, min_norm=True, warn=False,
-                            what=f"{name} column Gram")
+    coef, info = gram_solve(
+        cols.T @ cols,
+        cols.T @ rhs,
+        reg,
+        solve_dtype=solve_dtype,
+        min_norm=True,
+        warn=False,
+        what=f"{name} column Gram",
+    )
     top = coef[:-1] if bias else coef
     out = {f"{name}.weight": top.T @ q if factored else top.T}
     if bias:
@@ -106,27 +118,36 @@ def _column_step(
 
 
 def _basis_step(record: HalfLayerRecord, full: Tensor) -> dict[str, Tensor]:
-    """Split ``ΔΘ`` (``n × (width + 1)`` with a bias, ``n × width`` without) into the half-layer's parameters."""
+    """Split ``ΔΘ`` (``n × (width + 1)`` with a bias, ``n × width`` without) into the half-layer's
+    parameters."""
     if record.layer.bias is None:
         return {f"{record.name}.weight": full}
     return {f"{record.name}.weight": full[:, :-1], f"{record.name}.bias": full[:, -1]}
 
 
 def _made(record: HalfLayerRecord, step: dict[str, Tensor]) -> Tensor:
-    """``A ΔΘᵀ`` (``B × n``): the change of the half-layer's output that its parameter change ``step`` makes."""
+    """``A ΔΘᵀ`` (``B × n``): the change of the half-layer's output that its parameter change ``step``
+    makes."""
     out = record.features @ step[f"{record.name}.weight"].T
     bias = step.get(f"{record.name}.bias")
     return out if bias is None else out + bias
 
 
 def _half_layer_step(
-    record: HalfLayerRecord, rhs: Tensor, reg: Regularisation, solve_dtype: torch.dtype | None, warn: bool,
+    record: HalfLayerRecord,
+    rhs: Tensor,
+    reg: Regularisation,
+    solve_dtype: torch.dtype | None,
+    warn: bool,
     factor: RowFactor | None,
 ) -> tuple[dict[str, Tensor], SolveInfo, Tensor | None]:
-    """``(A⁺ R)ᵀ`` (regularised) for one half-layer, and ``A ΔΘᵀ``, the output change it makes (``None``: ``R``).
+    """``(A⁺ R)ᵀ`` (regularised) for one half-layer, and ``A ΔΘᵀ``, the output change it makes (``None``:
+    ``R``).
 
-    Exact solves use ``factor`` (:func:`exactgn.linalg.factor_rows`: the ``B × B`` Gram, or a QR of ``Aᵀ`` where
-    the Gram would lose accuracy); regularised ones the ``B × B`` Gram's eigen-decomposition or damped Cholesky;
+    Exact solves use ``factor`` (:func:`exactgn.linalg.factor_rows`: the ``B × B`` Gram, or a QR of ``Aᵀ``
+    where
+    the Gram would lose accuracy); regularised ones the ``B × B`` Gram's eigen-decomposition or damped
+    Cholesky;
     a batch above the rank bound of ``A`` the smaller column Gram (a least-squares step).
     """
     if rhs.shape[0] > record.layer.rank_bound:
@@ -138,13 +159,24 @@ def _half_layer_step(
         step = _basis_step(record, (factor.basis @ sol.to(factor.basis.dtype)).T.to(rhs.dtype))
         return step, factor.info, None if factor.method == "qr" else _made(record, step)
     gram = activation_gram(record, lower=True)
-    coeffs, info = gram_solve(gram, rhs, reg, solve_dtype=solve_dtype, lower_only=True, warn=warn,
-                              what=f"{record.name} activation Gram")
+    coeffs, info = gram_solve(
+        gram,
+        rhs,
+        reg,
+        solve_dtype=solve_dtype,
+        lower_only=True,
+        warn=warn,
+        what=f"{record.name} activation Gram",
+    )
     return _param_step(record, coeffs), info, symmetric_matmul(gram, coeffs, True)
 
 
 def _row_factors(
-    records: list[HalfLayerRecord], batch: int, reg: Regularisation, solve_dtype: torch.dtype | None, warn: bool
+    records: list[HalfLayerRecord],
+    batch: int,
+    reg: Regularisation,
+    solve_dtype: torch.dtype | None,
+    warn: bool,
 ) -> dict[int, RowFactor]:
     """Factorisations for the exact solves of every half-layer that can take one, in one batch (one sync)."""
     if not reg.exact:
@@ -166,7 +198,8 @@ def _split(model: RevMLP, z: Tensor) -> tuple[Tensor, Tensor]:
 def output_cotangents(model: RevMLP, records: list[HalfLayerRecord]) -> list[Tensor]:
     """``M_j`` for every half-layer (forward order), each ``k × B × n``: ``M_j[c, i] = ∂o_{i,c}/∂y_{j,i}``.
 
-    ``y_j`` is the output of half-layer ``j`` (what it adds to its half of the state). Samples do not interact,
+    ``y_j`` is the output of half-layer ``j`` (what it adds to its half of the state). Samples do not
+    interact,
     so one backward pass per class, batched over the ``k`` classes, gives all of them.
     """
     k, batch = model.num_classes, records[0].features.shape[0]
@@ -221,14 +254,20 @@ def _lift(model: RevMLP, v: Tensor) -> Tensor:
 
 
 def _right_inverse(
-    model: RevMLP, records: list[HalfLayerRecord], v: Tensor, reg: Regularisation, solve_dtype: torch.dtype | None,
+    model: RevMLP,
+    records: list[HalfLayerRecord],
+    v: Tensor,
+    reg: Regularisation,
+    solve_dtype: torch.dtype | None,
     warn: bool,
 ) -> tuple[dict[str, Tensor], list[SolveInfo]]:
     """``J♭ v`` (DESIGN §3a, the reference's rule), including the ``1/L``.
 
     Walking from the last block to the first, each block ``l`` targets the state change ``δz_l`` that realises
-    ``δz_L`` with everything else fixed: F solves for ``δa'``; G for what is left of ``δb'`` once the change of
-    ``a'`` that F's step *makes* (``A_F ΔΘ_Fᵀ``, equal to ``δa'`` when F's solve is exact) has passed through G;
+    ``δz_L`` with everything else fixed: F solves for ``δa'``; G for what is left of ``δb'`` once the change
+    of
+    ``a'`` that F's step *makes* (``A_F ΔΘ_Fᵀ``, equal to ``δa'`` when F's solve is exact) has passed through
+    G;
     the block below gets the JVP of this block's inverse applied to the asked ``δz_l``.
     """
     direction: dict[str, Tensor] = {}
@@ -241,7 +280,9 @@ def _right_inverse(
         direction.update(step)
         asked = rec_g.layer.jvp(d_a, rec_g.mask) if made is None or l > 0 else None
         through_g = asked if made is None else rec_g.layer.jvp(made, rec_g.mask)
-        step, info_g, _ = _half_layer_step(rec_g, d_b - through_g, reg, solve_dtype, warn, factors.get(2 * l + 1))
+        step, info_g, _ = _half_layer_step(
+            rec_g, d_b - through_g, reg, solve_dtype, warn, factors.get(2 * l + 1)
+        )
         direction.update(step)
         solves[:0] = [info_f, info_g]
         if l > 0:  # the input change of this block that the blocks below must realise
@@ -252,7 +293,11 @@ def _right_inverse(
 
 
 def _min_norm(
-    model: RevMLP, records: list[HalfLayerRecord], v: Tensor, reg: Regularisation, solve_dtype: torch.dtype | None,
+    model: RevMLP,
+    records: list[HalfLayerRecord],
+    v: Tensor,
+    reg: Regularisation,
+    solve_dtype: torch.dtype | None,
     warn: bool,
 ) -> tuple[dict[str, Tensor], list[SolveInfo]]:
     """``J⁺ v = Jᵀ (JJᵀ)⁻¹ v`` (DESIGN §3b)."""
@@ -260,7 +305,13 @@ def _min_norm(
     ntk = _ntk_lower(records, cotangents)
     batch, k = v.shape
     u, info = gram_solve(
-        ntk, v.reshape(batch * k, 1), reg, solve_dtype=solve_dtype, lower_only=True, warn=warn, what="NTK Gram JJᵀ"
+        ntk,
+        v.reshape(batch * k, 1),
+        reg,
+        solve_dtype=solve_dtype,
+        lower_only=True,
+        warn=warn,
+        what="NTK Gram JJᵀ",
     )
     u = u.view(batch, k)
     direction: dict[str, Tensor] = {}
@@ -287,11 +338,13 @@ def check_exactness(model: RevMLP, batch: int, inverse: str, least_squares: bool
         worst = min(zip(model.half_layers(), model.half_layer_names()), key=lambda p: p[0].rank_bound)
         layer, name = worst
         why = (
-            f"{layer.width} ReLU features" if layer.activation == "relu"
+            f"{layer.width} ReLU features"
+            if layer.activation == "relu"
             else f"identity activation: rank at most min(h={layer.width}, d/2={layer.n})"
         )
         raise InexactStepError(
-            f"inverse='right' is exact only when every half-layer's activation matrix A = [φ(uC), 1] has full "
+            "inverse='right' is exact only when every half-layer's activation matrix A = [φ(uC), 1] has "
+            "full "
             f"row rank, i.e. batch <= {model.max_exact_batch} here; got batch {batch}. Half-layer {name} has "
             f"rank at most {layer.rank_bound} ({why}{', plus bias' if layer.bias is not None else ''}). "
             "Use a batch of at most that size, inverse='pinv' (exact while JJᵀ is invertible), or pass "
@@ -302,8 +355,10 @@ def check_exactness(model: RevMLP, batch: int, inverse: str, least_squares: bool
         rows = batch * model.num_classes
         if rows > params:
             raise InexactStepError(
-                f"inverse='pinv' needs J (batch·k = {rows} rows) to have full row rank, but the model has only "
-                f"{params} trainable parameters. Use a batch of at most {params // model.num_classes}, or pass "
+                f"inverse='pinv' needs J (batch·k = {rows} rows) to have full row rank, but the model has "
+                "only "
+                f"{params} trainable parameters. Use a batch of at most {params // model.num_classes}, or "
+                "pass "
                 "least_squares=True to accept the least-squares step."
             )
 
@@ -381,9 +436,19 @@ def compute_direction(
     the step was computed in); the direction is in the model's dtype.
     """
     if not isinstance(model, RevMLP):  # any other module: exactgn.generic (inverse="pinv" only)
-        return generic_direction(model, inputs, targets, loss=loss, hessian=hessian, inverse=inverse, rtol=rtol,
-                                 atol=atol, damping=damping, least_squares=least_squares,
-                                 solve_dtype=as_solve_dtype(solve_dtype))
+        return generic_direction(
+            model,
+            inputs,
+            targets,
+            loss=loss,
+            hessian=hessian,
+            inverse=inverse,
+            rtol=rtol,
+            atol=atol,
+            damping=damping,
+            least_squares=least_squares,
+            solve_dtype=as_solve_dtype(solve_dtype),
+        )
     model = _check_model(model)
     check_choice("loss", loss, LOSSES)
     check_choice("hessian", hessian, HESSIANS)
@@ -436,7 +501,8 @@ def gn_direction(
         hessian: ``"exact"`` or ``"identity"`` (cross-entropy only; MSE's Hessian is the identity).
         inverse: ``"right"`` — the tractable right inverse ``J♭`` scaled by ``1/L`` so that
             ``J·direction = v`` (DESIGN §3a), the reference's rule: the reference's step is ``c·L·direction``
-            with ``c = 1`` for cross-entropy with the identity Hessian and ``c = 2`` for MSE (its target is the
+            with ``c = 1`` for cross-entropy with the identity Hessian and ``c = 2`` for MSE (its target is
+            the
             gradient ``2(o − y)``, not ``H⁺g = o − y``), so a reference MSE learning rate ``lr`` is ``2·L·lr``
             here; ``"pinv"`` — the minimum-norm step ``J⁺v`` (§3b).
         rtol, atol: truncate singular values ``≤ max(rtol·σ_max, atol)`` of each pseudo-inverse.
@@ -457,8 +523,17 @@ def gn_direction(
             the Grams overflow); nothing is changed.
     """
     return compute_direction(
-        model, inputs, targets, loss=loss, hessian=hessian, inverse=inverse, rtol=rtol, atol=atol,
-        damping=damping, least_squares=least_squares, solve_dtype=solve_dtype,
+        model,
+        inputs,
+        targets,
+        loss=loss,
+        hessian=hessian,
+        inverse=inverse,
+        rtol=rtol,
+        atol=atol,
+        damping=damping,
+        least_squares=least_squares,
+        solve_dtype=solve_dtype,
     ).direction
 
 

@@ -24,7 +24,16 @@ from torch import Tensor
 
 from .precision import unit_roundoff
 
-__all__ = ["Regularisation", "SolveInfo", "GramFallbackWarning", "gram_solve", "RowFactor", "factor_rows", "GRAM_MAX_COND", "RANK_TOL"]
+__all__ = [
+    "Regularisation",
+    "SolveInfo",
+    "GramFallbackWarning",
+    "gram_solve",
+    "RowFactor",
+    "factor_rows",
+    "GRAM_MAX_COND",
+    "RANK_TOL",
+]
 
 
 class GramFallbackWarning(RuntimeWarning):
@@ -33,7 +42,8 @@ class GramFallbackWarning(RuntimeWarning):
 
 @dataclass(frozen=True)
 class Regularisation:
-    """Truncation (``rtol``, ``atol`` on singular values) and damping of the pseudo-inverse. All zero: exact."""
+    """Truncation (``rtol``, ``atol`` on singular values) and damping of the pseudo-inverse. All zero:
+    exact."""
 
     rtol: float = 0.0
     atol: float = 0.0
@@ -42,7 +52,12 @@ class Regularisation:
     def __post_init__(self) -> None:
         for name in ("rtol", "atol", "damping"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+            ):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
     @property
@@ -56,8 +71,10 @@ class Regularisation:
 
 @dataclass
 class SolveInfo:
-    """How one Gram solve went: ``method`` is ``"cholesky"`` (``"cholesky-damped"`` with damping), ``"qr"`` (a QR
-    of ``Aᵀ``, :func:`factor_rows`), ``"svd-fallback"`` (``A`` numerically rank-deficient), ``"eigh"`` (truncation),
+    """How one Gram solve went: ``method`` is ``"cholesky"`` (``"cholesky-damped"`` with damping), ``"qr"`` (a
+    QR
+    of ``Aᵀ``, :func:`factor_rows`), ``"svd-fallback"`` (``A`` numerically rank-deficient), ``"eigh"``
+    (truncation),
     ``"eigh-fallback"`` (Cholesky failed) or ``"eigh-lstsq"`` (a minimum-norm solve was asked for);
     ``rank`` is how many directions were kept out of ``size``."""
 
@@ -81,10 +98,13 @@ def gram_solve(
 
     ``solve_dtype`` (e.g. ``torch.float64``) is the precision of the factorisation; ``S`` comes back in
     ``R``'s dtype. ``lower_only``: only the lower triangle of ``gram`` is meaningful (the strictly upper part
-    may hold anything). ``warn``: warn when the unregularised solve falls back to least squares; ``what`` names the matrix.
+    may hold anything). ``warn``: warn when the unregularised solve falls back to least squares; ``what``
+    names the matrix.
 
-    ``min_norm``: the caller needs the minimum-norm solution of a system that may be singular but is consistent
-    (normal equations ``MᵀM c = MᵀR``): there a Cholesky solve can pass the residual check and still carry huge
+    ``min_norm``: the caller needs the minimum-norm solution of a system that may be singular but is
+    consistent
+    (normal equations ``MᵀM c = MᵀR``): there a Cholesky solve can pass the residual check and still carry
+    huge
     null-space components, so the unregularised solve goes straight to the eigen-solve without the null space.
 
     A Cholesky factorisation can succeed on a numerically singular Gram and return a meaningless ``S``, so the
@@ -103,7 +123,9 @@ def gram_solve(
         factor, status = torch.linalg.cholesky_ex(system)
         if int(status) == 0:
             sol = torch.cholesky_solve(rhs, factor)
-            residual = float((symmetric_matmul(system, sol, lower_only) - rhs).norm() / rhs.norm().clamp_min(1e-300))
+            residual = float(
+                (symmetric_matmul(system, sol, lower_only) - rhs).norm() / rhs.norm().clamp_min(1e-300)
+            )
             if residual <= (2 * unit_roundoff(system.dtype)) ** 0.5:
                 return sol.to(out_dtype), SolveInfo("cholesky-damped" if reg.damping else "cholesky", n, n)
             reason = f"its Cholesky solve leaves a relative residual of {residual:.1e}"
@@ -139,13 +161,17 @@ def symmetric_matmul(sym: Tensor, x: Tensor, lower_only: bool) -> Tensor:
     return low @ x + low.T @ x - sym.diagonal()[:, None] * x
 
 
-# ---------------------------------------------------------------------------- exact row solves A⁺R (DESIGN §3a)
-#: Largest estimated ``cond(A)`` at which an exact right-inverse solve goes through the Gram ``AAᵀ``. The Gram's
+# ---------------------------------------------------------------------------- exact row solves A⁺R (DESIGN
+# §3a)
+#: Largest estimated ``cond(A)`` at which an exact right-inverse solve goes through the Gram ``AAᵀ``. The
+#: Gram's
 #: error is ``≈ c·u·cond(A)²`` and a QR factorisation's ``≈ c′·u·cond(A)`` (c, c′ ≈ 0.1–1, measured), so below
 #: this cut the Gram's error is within this factor of QR's and both grow like ``u·cond(A)``; above it, QR.
 GRAM_MAX_COND = 64.0
-#: ``u·cond(A)`` above which a QR factorisation counts ``A`` as numerically rank-deficient: the solve then drops
-#: singular values below ``u/RANK_TOL·σ_max`` (an SVD of the small factor) and the step is a least-squares one.
+#: ``u·cond(A)`` above which a QR factorisation counts ``A`` as numerically rank-deficient: the solve then
+#: drops
+#: singular values below ``u/RANK_TOL·σ_max`` (an SVD of the small factor) and the step is a least-squares
+#: one.
 RANK_TOL = 1e-2
 _POWER_STEPS = 6
 
@@ -154,8 +180,10 @@ _POWER_STEPS = 6
 class RowFactor:
     """A factorisation of a wide activation matrix ``A`` (``B × c``) that solves ``A⁺R`` for any ``R``.
 
-    ``method`` ``"cholesky"``: ``lower`` is ``L`` with ``AAᵀ = LLᵀ``, and :meth:`solve` returns ``S`` (``B × m``)
-    with ``A⁺R = AᵀS``. ``"qr"``/``"svd-fallback"``: ``basis`` (``c × r``, orthonormal columns) and :meth:`solve`
+    ``method`` ``"cholesky"``: ``lower`` is ``L`` with ``AAᵀ = LLᵀ``, and :meth:`solve` returns ``S`` (``B ×
+    m``)
+    with ``A⁺R = AᵀS``. ``"qr"``/``"svd-fallback"``: ``basis`` (``c × r``, orthonormal columns) and
+    :meth:`solve`
     returns ``Y`` (``r × m``) with ``A⁺R = basis·Y``. ``cond`` is the estimated ``cond(A)``.
     """
 
@@ -182,18 +210,23 @@ class RowFactor:
 def _cond_estimate(lower: Tensor) -> Tensor:
     """Estimated ``cond(A) = √(λ_max/λ_min)`` of ``K = LLᵀ`` for lower-triangular ``L`` (``... × B × B``).
 
-    Block power iterations on ``K`` and on ``K⁻¹`` (triangular solves), from fixed start vectors; like LAPACK's
-    condition estimators this is an estimate (it approaches the true value from below), computed on the device.
+    Block power iterations on ``K`` and on ``K⁻¹`` (triangular solves), from fixed start vectors; like
+    LAPACK's
+    condition estimators this is an estimate (it approaches the true value from below), computed on the
+    device.
     """
     size = lower.shape[-1]
     idx = torch.arange(size, dtype=lower.dtype, device=lower.device)[:, None]
-    start = torch.cat([torch.ones_like(idx), torch.cos(idx * 2.1 + 0.3), torch.sin(idx * 0.77), (-1.0) ** idx], 1)
+    start = torch.cat(
+        [torch.ones_like(idx), torch.cos(idx * 2.1 + 0.3), torch.sin(idx * 0.77), (-1.0) ** idx], 1
+    )
     start = start.expand(*lower.shape[:-2], size, 4)
     big, small = start, start
     for _ in range(_POWER_STEPS):
         big = lower @ (lower.mT @ _unit(big))
-        small = torch.linalg.solve_triangular(lower.mT, torch.linalg.solve_triangular(lower, _unit(small), upper=False),
-                                              upper=True)
+        small = torch.linalg.solve_triangular(
+            lower.mT, torch.linalg.solve_triangular(lower, _unit(small), upper=False), upper=True
+        )
     lam_max = big.norm(dim=-2).amax(-1)
     inv_min = small.norm(dim=-2).amax(-1)
     return (lam_max * inv_min).sqrt()
@@ -213,11 +246,15 @@ def factor_rows(
 ) -> list[RowFactor]:
     """Factorise wide activation matrices ``A_j`` (``B × c_j``) for exact, unregularised solves ``A_j⁺R``.
 
-    ``grams``: the ``B × B`` Grams ``A_jA_jᵀ`` (only the lower triangle is read); ``matrices``: callables giving
-    ``A_j`` itself, called only when the Gram route is not accurate enough. All Grams are Cholesky-factorised and
-    their conditioning estimated in one batch, with one device synchronisation; a Gram whose Cholesky fails or whose
+    ``grams``: the ``B × B`` Grams ``A_jA_jᵀ`` (only the lower triangle is read); ``matrices``: callables
+    giving
+    ``A_j`` itself, called only when the Gram route is not accurate enough. All Grams are Cholesky-factorised
+    and
+    their conditioning estimated in one batch, with one device synchronisation; a Gram whose Cholesky fails or
+    whose
     ``cond(A)`` estimate exceeds :data:`GRAM_MAX_COND` is replaced by a QR factorisation of ``Aᵀ`` (error
-    ``∝ u·cond(A)`` instead of ``u·cond(A)²``). A numerically rank-deficient ``A`` (``u·cond(A) > RANK_TOL``) gets
+    ``∝ u·cond(A)`` instead of ``u·cond(A)²``). A numerically rank-deficient ``A`` (``u·cond(A) > RANK_TOL``)
+    gets
     the minimum-norm least-squares solve and, with ``warn``, a :class:`GramFallbackWarning`.
     """
     names = names or [f"matrix {j}" for j in range(len(grams))]
@@ -230,14 +267,19 @@ def factor_rows(
     out = []
     for j, (bad, kappa) in enumerate(zip(*flags)):
         if bad == 0 and math.isfinite(kappa) and kappa <= GRAM_MAX_COND:
-            out.append(RowFactor("cholesky", SolveInfo("cholesky", stack.shape[-1], stack.shape[-1]), kappa, lower[j]))
+            out.append(
+                RowFactor(
+                    "cholesky", SolveInfo("cholesky", stack.shape[-1], stack.shape[-1]), kappa, lower[j]
+                )
+            )
         else:
             out.append(_qr_factor(matrices[j](), solve_dtype, warn, names[j]))
     return out
 
 
 def _qr_factor(a: Tensor, solve_dtype: torch.dtype | None, warn: bool, name: str) -> RowFactor:
-    """QR of ``Aᵀ`` (``A``: ``B × c``, ``B ≤ c``); an SVD of ``R`` when ``A`` is numerically rank-deficient."""
+    """QR of ``Aᵀ`` (``A``: ``B × c``, ``B ≤ c``); an SVD of ``R`` when ``A`` is numerically
+    rank-deficient."""
     if solve_dtype is not None:
         a = a.to(solve_dtype)
     size = a.shape[0]
@@ -253,8 +295,10 @@ def _qr_factor(a: Tensor, solve_dtype: torch.dtype | None, warn: bool, name: str
     if warn:
         warnings.warn(
             f"{name} ({size} samples) does not have numerically full row rank (estimated condition number "
-            f"{kappa:.1e}, {rank} of {size} singular values above {u / RANK_TOL:.0e}·σ_max): solving by least squares "
-            "without its null space: this step is a least-squares step, not an exact one. Use a smaller batch, "
+            f"{kappa:.1e}, {rank} of {size} singular values above {u / RANK_TOL:.0e}·σ_max): solving by "
+            "least squares "
+            "without its null space: this step is a least-squares step, not an exact one. Use a smaller "
+            "batch, "
             "float64, damping or truncation.",
             GramFallbackWarning,
             stacklevel=4,

@@ -50,14 +50,16 @@ def as_target_rows(targets: Tensor, num_classes: int, batch: int, like: Tensor, 
         if targets.numel() and (targets.min() < 0 or targets.max() >= num_classes):
             bad = targets[(targets < 0) | (targets >= num_classes)]
             raise ValueError(
-                f"class labels must lie in [0, {num_classes - 1}] for a model with num_classes={num_classes}; "
+                f"class labels must lie in [0, {num_classes - 1}] for a model with "
+                f"num_classes={num_classes}; "
                 f"got {bad[:5].tolist()}"
             )
         return torch.nn.functional.one_hot(targets.to(like.device).long(), num_classes).to(like.dtype)
     if targets.dim() == 2 and targets.is_floating_point():
         if tuple(targets.shape) != (batch, num_classes):
             raise ValueError(
-                f"target rows of shape {tuple(targets.shape)} do not match the batch: expected ({batch}, {num_classes})"
+                f"target rows of shape {tuple(targets.shape)} do not match the batch: expected ({batch}, "
+                f"{num_classes})"
             )
         rows = targets.to(device=like.device, dtype=like.dtype)
         if not torch.isfinite(rows).all():
@@ -66,7 +68,9 @@ def as_target_rows(targets: Tensor, num_classes: int, batch: int, like: Tensor, 
             if (rows < 0).any():
                 raise ValueError("cross-entropy targets must be non-negative (one-hot or probability rows)")
             sums = rows.sum(1)
-            if not torch.allclose(sums, torch.ones_like(sums), atol=1e-6 if rows.dtype == torch.float64 else 1e-4):
+            if not torch.allclose(
+                sums, torch.ones_like(sums), atol=1e-6 if rows.dtype == torch.float64 else 1e-4
+            ):
                 raise ValueError(
                     "cross-entropy target rows must sum to 1 (one-hot or probability rows); "
                     f"row sums range over [{sums.min().item():.4g}, {sums.max().item():.4g}]"

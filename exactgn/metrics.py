@@ -2,13 +2,15 @@
 
 Kernel (NTK) on a fixed probe batch, computed exactly by :func:`exactgn.gn.ntk_gram`:
 
-* :func:`kernel_alignment` — ``⟨Θ_0, Θ_t⟩_F / (‖Θ_0‖_F ‖Θ_t‖_F)``, 1 when the kernel has not moved (up to scale).
+* :func:`kernel_alignment` — ``⟨Θ_0, Θ_t⟩_F / (‖Θ_0‖_F ‖Θ_t‖_F)``, 1 when the kernel has not moved (up to
+scale).
 * :func:`ntk_rate` — the rate of change between two records ``(1 − alignment(Θ_prev, Θ_t)) / Δepochs``.
 * :func:`ntk_probe_cosine` — the reference study's cheaper *estimate*: the cosine between ``Θ_0 w`` and
   ``Θ_t w`` for one fixed random probe vector ``w``.
 
 Representations: :func:`linear_cka` (biased, or the unbiased HSIC of Song et al. 2012), :func:`block_outputs`,
-:func:`block_increments`, :func:`representation_cka`. Weights: :func:`weight_rel_change`, :func:`weight_cosine`,
+:func:`block_increments`, :func:`representation_cka`. Weights: :func:`weight_rel_change`,
+:func:`weight_cosine`,
 :func:`weight_metrics` (weights ``W`` only; biases start at zero, so their relative change is undefined).
 :data:`METRIC_DOC` is the catalogue of every metric name a recorder emits (``exactgn.lab.diagnostics``).
 """
@@ -45,13 +47,18 @@ __all__ = [
 METRIC_DOC: dict[str, str] = {
     "epoch": "epoch of the record (0 = before training)",
     "probe_size": "number of probe samples B (the NTK is Bk × Bk)",
-    "ntk_alignment": "kernel alignment ⟨Θ0, Θt⟩/(‖Θ0‖‖Θt‖) of the exact probe NTK with the NTK at initialisation",
-    "ntk_rate": "(1 − alignment(Θ_prev, Θ_t)) / (epochs since the previous record); absent on the first record",
+    "ntk_alignment": "kernel alignment ⟨Θ0, Θt⟩/(‖Θ0‖‖Θt‖) of the exact probe NTK with the NTK at "
+    "initialisation",
+    "ntk_rate": "(1 − alignment(Θ_prev, Θ_t)) / (epochs since the previous record); absent on the first "
+    "record",
     "ntk_rel_change": "‖Θt − Θ0‖_F / ‖Θ0‖_F (alignment ignores scale; this does not)",
-    "ntk_probe_cosine": "ESTIMATE (the reference's): cosine between Θ0·w and Θt·w for a fixed random w ~ N(0, I)",
-    "cka/block{block}": "linear CKA (biased, centred HSIC) of block {block}'s output now vs. at initialisation",
+    "ntk_probe_cosine": "ESTIMATE (the reference's): cosine between Θ0·w and Θt·w for a fixed random w ~ "
+    "N(0, I)",
+    "cka/block{block}": "linear CKA (biased, centred HSIC) of block {block}'s output now vs. at "
+    "initialisation",
     "cka_unbiased/block{block}": "the same with the unbiased (debiased HSIC) estimator",
-    "cka_delta/block{block}": "linear CKA (biased) of what block {block} adds to the state (z_l − z_{l−1}) now vs. at "
+    "cka_delta/block{block}": "linear CKA (biased) of what block {block} adds to the state (z_l − z_{l−1}) "
+    "now vs. at "
     "initialisation: the residual branch alone, without the identity skip that keeps block-output CKA near 1",
     "weight_rel_change/{layer}": "‖W_t − W_0‖_F / ‖W_0‖_F of the half-layer's weight (bias excluded)",
     "weight_cosine/{layer}": "⟨W_t, W_0⟩_F / (‖W_t‖‖W_0‖) of the half-layer's weight (bias excluded)",
@@ -70,7 +77,8 @@ def _cosine_gap(a: Tensor, b: Tensor) -> float:
     """``1 − cos(a, b)`` of two tensors (flattened), in float64, accurate to rounding even when tiny.
 
     Computed as ``‖â − b̂‖²/2`` from the unit vectors (``2 − ‖â + b̂‖²/2`` for negative cosines), with no
-    cancellation where ``1 − cos`` is small (the NTK rate of change of lazy training); ``nan`` for a zero input.
+    cancellation where ``1 − cos`` is small (the NTK rate of change of lazy training); ``nan`` for a zero
+    input.
     """
     a, b = as_float64(a).reshape(-1), as_float64(b).reshape(-1)
     na, nb = a.norm(), b.norm()
@@ -127,10 +135,13 @@ def probe_vector(size: int, seed: int = 0) -> Tensor:
 
 
 def ntk_probe_cosine(k0: Tensor, kt: Tensor, w: Tensor | None = None, *, seed: int = 0) -> float:
-    """ESTIMATE of NTK similarity used by the reference study: ``cos(Θ_0 w, Θ_t w)`` for one random vector ``w``.
+    """ESTIMATE of NTK similarity used by the reference study: ``cos(Θ_0 w, Θ_t w)`` for one random vector
+    ``w``.
 
-    Cheaper than :func:`kernel_alignment` when only kernel-vector products are available, but it depends on the
-    draw of ``w`` and is not the alignment. ``w`` (length ``N``) defaults to :func:`probe_vector` ``(N, seed)``.
+    Cheaper than :func:`kernel_alignment` when only kernel-vector products are available, but it depends on
+    the
+    draw of ``w`` and is not the alignment. ``w`` (length ``N``) defaults to :func:`probe_vector` ``(N,
+    seed)``.
     """
     _check_square("k0", k0)
     _check_square("kt", kt)
@@ -140,7 +151,9 @@ def ntk_probe_cosine(k0: Tensor, kt: Tensor, w: Tensor | None = None, *, seed: i
         w = probe_vector(k0.shape[0], seed)
     w = as_float64(w).reshape(-1).to(k0.device)
     if w.numel() != k0.shape[0]:
-        raise ValueError(f"probe vector has {w.numel()} entries, the kernels are {k0.shape[0]} × {k0.shape[0]}")
+        raise ValueError(
+            f"probe vector has {w.numel()} entries, the kernels are {k0.shape[0]} × {k0.shape[0]}"
+        )
     return _cosine(as_float64(k0) @ w, as_float64(kt) @ w)
 
 
@@ -156,20 +169,24 @@ def _as_rows(name: str, x: Tensor) -> Tensor:
 def _hsic_unbiased(k: Tensor, l: Tensor) -> Tensor:
     """Unbiased HSIC (Song et al. 2012) of two ``n × n`` Gram matrices, ``n ≥ 4``:
 
-    ``[tr(K̃L̃) + 1ᵀK̃1·1ᵀL̃1/((n−1)(n−2)) − 2/(n−2)·1ᵀK̃L̃1] / (n(n−3))`` with ``K̃, L̃`` the Grams with zero diagonal.
+    ``[tr(K̃L̃) + 1ᵀK̃1·1ᵀL̃1/((n−1)(n−2)) − 2/(n−2)·1ᵀK̃L̃1] / (n(n−3))`` with ``K̃, L̃`` the Grams with zero
+    diagonal.
     """
     n = k.shape[0]
     kt = k - torch.diag(torch.diagonal(k))
     lt = l - torch.diag(torch.diagonal(l))
     k_row, l_row = kt.sum(1), lt.sum(1)
-    value = (kt * lt).sum() + k_row.sum() * l_row.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (k_row @ l_row)
+    value = (
+        (kt * lt).sum() + k_row.sum() * l_row.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (k_row @ l_row)
+    )
     return value / (n * (n - 3))
 
 
 def linear_cka(x: Tensor, y: Tensor, *, unbiased: bool = False) -> float:
     """Linear CKA between representations ``x`` (``n × p``) and ``y`` (``n × q``) of the same ``n`` samples.
 
-    Biased: ``‖Ȳᵀ X̄‖²_F / (‖X̄ᵀ X̄‖_F ‖Ȳᵀ Ȳ‖_F)`` with column-centred ``X̄, Ȳ`` (the centred-HSIC form of Kornblith et
+    Biased: ``‖Ȳᵀ X̄‖²_F / (‖X̄ᵀ X̄‖_F ‖Ȳᵀ Ȳ‖_F)`` with column-centred ``X̄, Ȳ`` (the centred-HSIC form of
+    Kornblith et
     al. 2019). ``unbiased=True``: the same ratio with the unbiased HSIC estimator of Song et al. 2012 (as in
     Nguyen et al. 2021), which removes the positive bias of the biased one at small ``n`` / large ``p``; needs
     ``n ≥ 4`` and can be slightly negative. Inputs with more dimensions are flattened per sample. Computed in
@@ -180,7 +197,10 @@ def linear_cka(x: Tensor, y: Tensor, *, unbiased: bool = False) -> float:
     if ys.shape[0] != n:
         raise ValueError(f"x and y must describe the same samples, got {n} and {ys.shape[0]} rows")
     if n < (4 if unbiased else 2):
-        raise ValueError(f"linear CKA needs at least {4 if unbiased else 2} samples{' (unbiased)' if unbiased else ''}, got {n}")
+        raise ValueError(
+            f"linear CKA needs at least {4 if unbiased else 2} samples{' (unbiased)' if unbiased else ''}, "
+            f"got {n}"
+        )
     xs = xs - xs.mean(0)
     ys = ys.to(xs.device)
     ys = ys - ys.mean(0)
@@ -203,7 +223,8 @@ def linear_cka(x: Tensor, y: Tensor, *, unbiased: bool = False) -> float:
 
 @torch.no_grad()
 def block_outputs(model: RevMLP, x: Tensor) -> list[Tensor]:
-    """The state ``z_l = [a_l, b_l]`` (``B × d``) after each coupling block ``l = 0..L−1``, on inputs ``x``."""
+    """The state ``z_l = [a_l, b_l]`` (``B × d``) after each coupling block ``l = 0..L−1``, on inputs
+    ``x``."""
     if not isinstance(model, RevMLP):
         raise TypeError(f"block_outputs needs an exactgn.RevMLP, got {type(model).__name__}")
     z = model.flatten_inputs(x)
@@ -220,28 +241,35 @@ def block_increments(model: RevMLP, x: Tensor) -> list[Tensor]:
     """What each coupling block adds to the state, ``z_l − z_{l−1}`` (``B × d``, ``z_{−1}`` = the input).
 
     The block outputs of a RevMLP carry the input through the identity skip, so their CKA against
-    initialisation stays near 1 whenever the residual branches are small; the increments show the branches alone.
+    initialisation stays near 1 whenever the residual branches are small; the increments show the branches
+    alone.
     """
     z = model.flatten_inputs(x)
     outs = block_outputs(model, z)
     return [out - prev for prev, out in zip([z] + outs[:-1], outs)]
 
 
-def representation_cka(model_a: RevMLP, model_b: RevMLP, inputs: Tensor, *, unbiased: bool = False) -> dict[str, float]:
+def representation_cka(
+    model_a: RevMLP, model_b: RevMLP, inputs: Tensor, *, unbiased: bool = False
+) -> dict[str, float]:
     """Linear CKA of every block's output, ``model_a`` against ``model_b`` on the same ``inputs``.
 
-    Returns ``{"block0": ..., "block1": ...}``; for two runs (optimiser against optimiser) or a model against its
+    Returns ``{"block0": ..., "block1": ...}``; for two runs (optimiser against optimiser) or a model against
+    its
     initialisation. The models need the same number of blocks (widths may differ).
     """
     out_a, out_b = block_outputs(model_a, inputs), block_outputs(model_b, inputs)
     if len(out_a) != len(out_b):
         raise ValueError(f"models have different depths: {len(out_a)} and {len(out_b)} blocks")
-    return {f"block{l}": linear_cka(xa, xb, unbiased=unbiased) for l, (xa, xb) in enumerate(zip(out_a, out_b))}
+    return {
+        f"block{l}": linear_cka(xa, xb, unbiased=unbiased) for l, (xa, xb) in enumerate(zip(out_a, out_b))
+    }
 
 
 # ---------------------------------------------------------------------------- weights
 def weight_rel_change(w_t: Tensor, w_0: Tensor) -> float:
-    """``‖W_t − W_0‖_F / ‖W_0‖_F`` (float64); ``inf`` if ``W_0 = 0`` and ``W_t ≠ W_0``, ``nan`` if both are 0."""
+    """``‖W_t − W_0‖_F / ‖W_0‖_F`` (float64); ``inf`` if ``W_0 = 0`` and ``W_t ≠ W_0``, ``nan`` if both are
+    0."""
     if w_t.shape != w_0.shape:
         raise ValueError(f"weights must have the same shape, got {tuple(w_t.shape)} and {tuple(w_0.shape)}")
     a, b = as_float64(w_t), as_float64(w_0).to(w_t.device)
@@ -261,7 +289,9 @@ def weight_cosine(w_t: Tensor, w_0: Tensor) -> float:
 def half_layer_weights(model: RevMLP | Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Half-layer name → weight ``W`` from a model or a ``state_dict`` (biases excluded)."""
     if isinstance(model, RevMLP):
-        return {name: layer.weight.detach() for name, layer in zip(model.half_layer_names(), model.half_layers())}
+        return {
+            name: layer.weight.detach() for name, layer in zip(model.half_layer_names(), model.half_layers())
+        }
     if isinstance(model, Mapping):
         out = {}
         for key, value in model.items():
@@ -274,10 +304,14 @@ def half_layer_weights(model: RevMLP | Mapping[str, Tensor]) -> dict[str, Tensor
     raise TypeError(f"expected a RevMLP or a state dict, got {type(model).__name__}")
 
 
-def weight_metrics(model_t: RevMLP | Mapping[str, Tensor], model_0: RevMLP | Mapping[str, Tensor]) -> dict[str, float]:
-    """Per half-layer ``weight_rel_change/<name>`` and ``weight_cosine/<name>``, plus ``weight_rel_change/all``.
+def weight_metrics(
+    model_t: RevMLP | Mapping[str, Tensor], model_0: RevMLP | Mapping[str, Tensor]
+) -> dict[str, float]:
+    """Per half-layer ``weight_rel_change/<name>`` and ``weight_cosine/<name>``, plus
+    ``weight_rel_change/all``.
 
-    Weights ``W`` only; biases are excluded (they start at zero). Either argument may be a model or a state dict.
+    Weights ``W`` only; biases are excluded (they start at zero). Either argument may be a model or a state
+    dict.
     """
     now, init = half_layer_weights(model_t), half_layer_weights(model_0)
     if now.keys() != init.keys():

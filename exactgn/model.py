@@ -23,7 +23,8 @@ __all__ = ["HalfLayer", "CouplingBlock", "RevMLP", "HalfLayerRecord", "activatio
 
 def activation_rank_bound(n: int, width: int, activation: str, bias: bool) -> int:
     """Largest possible rank of a half-layer's activation matrix ``A = [φ(u C), 1]`` (``u``: ``B × n``,
-    ``C``: ``n × width``): a ReLU can lift the rank of ``u C`` up to ``width``; the identity cannot exceed ``n``.
+    ``C``: ``n × width``): a ReLU can lift the rank of ``u C`` up to ``width``; the identity cannot exceed
+    ``n``.
     The right inverse of DESIGN §3a is exact only for batches no larger than this."""
     cols = width if activation == "relu" else min(width, n)
     return cols + (1 if bias else 0)
@@ -74,13 +75,16 @@ class HalfLayer(nn.Module):
         return activation_rank_bound(self.n, self.width, self.activation, self.bias is not None)
 
     def proj_lq(self) -> tuple[Tensor, Tensor]:
-        """``C = L Q`` with ``L`` (``n × n``, lower triangular) and ``Q`` (``n × h``, orthonormal rows); ``h ≥ n``.
+        """``C = L Q`` with ``L`` (``n × n``, lower triangular) and ``Q`` (``n × h``, orthonormal rows); ``h ≥
+        n``.
 
         Cached until ``proj`` is modified or moved (``C`` is fixed, so normally it is computed once).
         """
         proj = self.proj
         if proj is None or self.width < self.n:
-            raise ValueError(f"proj_lq needs a bottleneck at least as wide as its input (h={self.width}, n={self.n})")
+            raise ValueError(
+                f"proj_lq needs a bottleneck at least as wide as its input (h={self.width}, n={self.n})"
+            )
         key = (proj.data_ptr(), proj._version, proj.dtype, proj.device)
         cached = getattr(self, "_lq_cache", None)
         if cached is None or cached[0] != key:
@@ -120,7 +124,8 @@ class HalfLayer(nn.Module):
         return t @ self.weight.T
 
     def vjp(self, dy: Tensor, mask: Tensor | None) -> Tensor:
-        """``dy (∂F/∂u)``: the cotangent of the input from the cotangent ``dy`` (``(..., B, n)``) of the output."""
+        """``dy (∂F/∂u)``: the cotangent of the input from the cotangent ``dy`` (``(..., B, n)``) of the
+        output."""
         if dy.dim() >= 2 and dy.stride(-2) == 0:  # the same row for every sample: multiply once, broadcast
             t = dy[..., :1, :] @ self.weight
         else:
@@ -230,7 +235,8 @@ class RevMLP(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
-        """Draw bottlenecks ``C ~ N(0, 1/h)``, readout ``U`` = Q of a Gaussian's QR, weights ``N(0, init_std²)``, biases 0.
+        """Draw bottlenecks ``C ~ N(0, 1/h)``, readout ``U`` = Q of a Gaussian's QR, weights ``N(0,
+        init_std²)``, biases 0.
 
         Drawn in float64 on the CPU from ``seed`` so that every dtype and device gets the same model.
         """

@@ -26,7 +26,8 @@ _DIRECTION_KEYS = ("loss", "hessian", "inverse", "rtol", "atol", "damping", "lea
 
 
 class GaussNewton(torch.optim.Optimizer):
-    """Exact Gauss–Newton: ``θ ← θ − lr·(Δθ + weight_decay·θ + ξ)`` with ``Δθ`` from :func:`exactgn.gn_direction`.
+    """Exact Gauss–Newton: ``θ ← θ − lr·(Δθ + weight_decay·θ + ξ)`` with ``Δθ`` from
+    :func:`exactgn.gn_direction`.
 
     Unlike torch's optimisers, :meth:`step` takes the batch: ``opt.step(inputs, targets)``. It needs no
     ``backward()``. Learning-rate schedulers and ``state_dict``/``load_state_dict`` work as usual.
@@ -35,7 +36,8 @@ class GaussNewton(torch.optim.Optimizer):
         model: the :class:`RevMLP` to train, or any ``torch.nn.Module`` with ``inverse="pinv"``
             (:mod:`exactgn.generic`).
         lr: learning rate. With ``lr=1`` the linearised model fits ``v`` exactly on the batch.
-        params: optional parameter groups (each with its own ``lr``, ``weight_decay``, ``noise``); together they
+        params: optional parameter groups (each with its own ``lr``, ``weight_decay``, ``noise``); together
+        they
             must hold every trainable parameter of ``model``, since the GN direction moves all of them.
         loss, hessian, inverse, rtol, atol, damping, least_squares: as in :func:`exactgn.gn_direction`.
         weight_decay: adds ``weight_decay·θ`` to the direction (so it decays by ``lr·weight_decay`` a step).
@@ -47,7 +49,8 @@ class GaussNewton(torch.optim.Optimizer):
 
     A float16/bfloat16 model's step is computed in float32, then rounded to its dtype (see ``gn_direction``).
 
-    After each step, ``opt.last_result`` holds the :class:`~exactgn.gn.GNResult` (logits, ``v``, solve reports).
+    After each step, ``opt.last_result`` holds the :class:`~exactgn.gn.GNResult` (logits, ``v``, solve
+    reports).
     """
 
     def __init__(
@@ -73,8 +76,17 @@ class GaussNewton(torch.optim.Optimizer):
             check_right_inverse(model, inverse)
         _check_lr_positive(lr)
         defaults = dict(
-            lr=lr, loss=loss, hessian=hessian, inverse=inverse, rtol=rtol, atol=atol, damping=damping,
-            least_squares=least_squares, weight_decay=weight_decay, noise=noise, solve_dtype=solve_dtype,
+            lr=lr,
+            loss=loss,
+            hessian=hessian,
+            inverse=inverse,
+            rtol=rtol,
+            atol=atol,
+            damping=damping,
+            least_squares=least_squares,
+            weight_decay=weight_decay,
+            noise=noise,
+            solve_dtype=solve_dtype,
         )
         _check_group(defaults)
         super().__init__(model.parameters() if params is None else params, defaults)
@@ -85,7 +97,8 @@ class GaussNewton(torch.optim.Optimizer):
         missing = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in owned]
         if missing:
             raise ValueError(
-                f"GaussNewton must own every trainable parameter of the model (the GN direction moves them all); "
+                "GaussNewton must own every trainable parameter of the model (the GN direction moves them "
+                "all); "
                 f"missing: {missing[:4]}{' ...' if len(missing) > 4 else ''}"
             )
         if len(owned) != len(trainable):
@@ -130,7 +143,8 @@ class GaussNewton(torch.optim.Optimizer):
         bad = [name_of[p] for p, new in updated if not torch.isfinite(new).all()]
         if bad:
             raise NonFiniteError(
-                f"the GN step would make {bad[:4]} non-finite (batch loss before the step: {result.loss.item():.4g}); "
+                f"the GN step would make {bad[:4]} non-finite (batch loss before the step: "
+                f"{result.loss.item():.4g}); "
                 "the parameters were left unchanged. Lower the learning rate or add damping/truncation."
             )
         for p, new in updated:
@@ -163,7 +177,12 @@ def _check_group(group: dict[str, Any]) -> None:
     Regularisation(group["rtol"], group["atol"], group["damping"])
     for key in ("weight_decay", "noise"):
         value = group[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value < 0
+        ):
             raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
     solve = as_solve_dtype(group["solve_dtype"])
     group["solve_dtype"] = None if solve is None else str(solve).removeprefix("torch.")

@@ -2,7 +2,8 @@
 
 Three knobs, freely combined:
 
-* the model's dtype (``RevMLP(..., dtype=torch.float64)`` or ``model.double()``): everything in that precision;
+* the model's dtype (``RevMLP(..., dtype=torch.float64)`` or ``model.double()``): everything in that
+precision;
 * ``solve_dtype="float64"`` (GaussNewton) / ``solve_dtype=torch.float64`` (gn_direction): the Gram matrices
   are formed in the model's precision but factorised and solved in float64;
 * TF32 matrix products on CUDA (:func:`matmul_precision`): float32 products with 10-bit mantissas on
@@ -25,8 +26,15 @@ from typing import Iterator
 import torch
 
 __all__ = [
-    "DTYPES", "ERROR_BOUNDS", "SOLVE_DTYPES", "as_solve_dtype", "dtype_from_name", "working_dtype",
-    "matmul_precision", "tf32_enabled", "unit_roundoff",
+    "DTYPES",
+    "ERROR_BOUNDS",
+    "SOLVE_DTYPES",
+    "as_solve_dtype",
+    "dtype_from_name",
+    "working_dtype",
+    "matmul_precision",
+    "tf32_enabled",
+    "unit_roundoff",
 ]
 
 #: Documented relative error bounds of a GN direction for each precision, on well-conditioned batches.

@@ -31,7 +31,10 @@ REFERENCE = {
     "cifar10": dict(features=3072, hidden=8000, blocks=6, batch=1000),
     "mnist": dict(features=784, hidden=8000, blocks=2, batch=1000),
 }
-QUICK = {"cifar10": dict(features=96, hidden=64, blocks=3, batch=32), "mnist": dict(features=64, hidden=64, blocks=2, batch=32)}
+QUICK = {
+    "cifar10": dict(features=96, hidden=64, blocks=3, batch=32),
+    "mnist": dict(features=64, hidden=64, blocks=2, batch=32),
+}
 
 
 def exactness(device: torch.device) -> list[str]:
@@ -50,15 +53,24 @@ def exactness(device: torch.device) -> list[str]:
             fn = exactgn.jvp_logits(gpu, x.to(device), res.direction)
             err = ((fn - res.v).norm() / res.v.norm()).item()
             ok = diff <= 1e-10 and err <= 1e-10
-            lines.append(f"h={hidden} L={blocks} {inverse}: |gpu-cpu|={diff:.1e} |J·d-v|={err:.1e} {'OK' if ok else 'FAIL'}")
-        ntk_diff = ((exactgn.ntk_gram(gpu, x.to(device)).cpu() - exactgn.ntk_gram(model, x)).norm()
-                    / exactgn.ntk_gram(model, x).norm()).item()
-        lines.append(f"h={hidden} L={blocks} ntk: |gpu-cpu|={ntk_diff:.1e} {'OK' if ntk_diff <= 1e-12 else 'FAIL'}")
+            lines.append(
+                f"h={hidden} L={blocks} {inverse}: |gpu-cpu|={diff:.1e} |J·d-v|={err:.1e} "
+                f"{'OK' if ok else 'FAIL'}"
+            )
+        ntk_diff = (
+            (exactgn.ntk_gram(gpu, x.to(device)).cpu() - exactgn.ntk_gram(model, x)).norm()
+            / exactgn.ntk_gram(model, x).norm()
+        ).item()
+        lines.append(
+            f"h={hidden} L={blocks} ntk: |gpu-cpu|={ntk_diff:.1e} {'OK' if ntk_diff <= 1e-12 else 'FAIL'}"
+        )
     return lines
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (try the script on a CPU)")
     parser.add_argument("--out", default=os.environ.get("OUT", "gpu_results"))
     parser.add_argument("--repeats", type=int, default=10)
@@ -69,13 +81,21 @@ def main() -> int:
     if device.type == "cpu" and not args.quick:
         print("no CUDA device: run with --quick to try the script on a CPU", file=sys.stderr)
         return 2
-    report = [f"# exactgn GPU check ({time.strftime('%Y-%m-%d %H:%M')})", "", f"torch {torch.__version__}, {device}"]
+    report = [
+        f"# exactgn GPU check ({time.strftime('%Y-%m-%d %H:%M')})",
+        "",
+        f"torch {torch.__version__}, {device}",
+    ]
     if device.type == "cuda":
         report.append(f"device: {torch.cuda.get_device_name(0)}")
     report += ["", "## float64 exactness on the device", ""] + [f"    {l}" for l in exactness(device)]
     sizes = QUICK if args.quick else REFERENCE
-    settings = {"fp32": dict(), "tf32": dict(tf32=True), "fp32-truncated": dict(rtol=1e-2, atol=1e-5),
-                "fp32-f64solve": dict(solve_dtype="float64")}
+    settings = {
+        "fp32": dict(),
+        "tf32": dict(tf32=True),
+        "fp32-truncated": dict(rtol=1e-2, atol=1e-5),
+        "fp32-f64solve": dict(solve_dtype="float64"),
+    }
     all_results: dict[str, object] = {}
     # The settings that matter most first, both sizes each, so that a cut-short call still has them.
     for label, extra in settings.items():

@@ -12,8 +12,10 @@ Phases, each skipped when too little of the budget is left, results written as t
    device): the times are the same, the accuracies meaningless and not reported.
 3. The J-flat vs J+ comparison of RESULTS.md at the reference size on real MNIST: mini-batch GN, right against
    pinv, seeds 0-2 untruncated and seed 0 truncated, all runs at once on the one GPU until the budget ends
-   (their epoch logs are kept; runs are compared at the last epoch all of them reached) -> runs.tar.gz, holding
-   inverse-untruncated/ and inverse-truncated/ (``python scripts/study_tables.py seeds DIR --epoch N`` reads them).
+   (their epoch logs are kept; runs are compared at the last epoch all of them reached) -> runs.tar.gz,
+   holding
+   inverse-untruncated/ and inverse-truncated/ (``python scripts/study_tables.py seeds DIR --epoch N`` reads
+   them).
 
 ``--quick`` shrinks every size so that the script can be tried on a CPU.
 """
@@ -45,12 +47,21 @@ TIMING_RUNS = [  # (config, epochs)
     ("cifar10-fullbatch/gn", 10),
 ]
 INVERSE_SET = [  # the settings of exactgn/lab/configs/studies/inverse/minibatch.toml
-    "optim.gn.least_squares=true", "optim.gn.solve_dtype=float64", "diagnostics.enabled=true",
-    "diagnostics.every=2", "train.threads=2",
+    "optim.gn.least_squares=true",
+    "optim.gn.solve_dtype=float64",
+    "diagnostics.enabled=true",
+    "diagnostics.every=2",
+    "train.threads=2",
 ]
 INVERSE_RUNS = [(f"s{seed}-{inv}", seed, inv, False) for seed in (0, 1, 2) for inv in ("right", "pinv")]
 INVERSE_RUNS += [(f"s0-{inv}-trunc", 0, inv, True) for inv in ("right", "pinv")]
-QUICK_SET = ["model.hidden=64", "model.blocks=2", "data.train_size=2000", "data.test_size=500", "train.batch_size=50"]
+QUICK_SET = [
+    "model.hidden=64",
+    "model.blocks=2",
+    "data.train_size=2000",
+    "data.test_size=500",
+    "train.batch_size=50",
+]
 
 
 def left(budget: float) -> float:
@@ -68,8 +79,10 @@ def fake_cifar(root: Path) -> None:
     rng = np.random.default_rng(0)
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     for name in names:
-        batch = {b"data": rng.integers(0, 256, (10000, 3072), dtype=np.uint8),
-                 b"labels": rng.integers(0, 10, 10000).tolist()}
+        batch = {
+            b"data": rng.integers(0, 256, (10000, 3072), dtype=np.uint8),
+            b"labels": rng.integers(0, 10, 10000).tolist(),
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f, protocol=2)
 
@@ -93,8 +106,12 @@ def epochs(run: Path) -> list[dict[str, str]]:
 
 
 def timing_phase(args: argparse.Namespace, runs: Path, data: Path, cifar: Path) -> None:
-    rows = ["| setting | epochs timed | training time per epoch (s) | eval time per epoch (s) | wall per epoch (s) | "
-            "100 epochs, estimated (min) | process wall incl. start (s) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| setting | epochs timed | training time per epoch (s) | eval time per epoch (s) | wall per epoch "
+        "(s) | "
+        "100 epochs, estimated (min) | process wall incl. start (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for config, n in TIMING_RUNS:
         if left(args.budget) < args.budget * 0.45:
             log(f"skip timing of {config}: too little budget left")
@@ -118,7 +135,10 @@ def timing_phase(args: argparse.Namespace, runs: Path, data: Path, cifar: Path) 
             ep = sum(float(r["epoch_time_s"]) for r in rec) / len(rec)
             ev = sum(float(r["eval_time_s"]) for r in rec) / len(rec)
             per = (float(rec[-1]["wall_time_s"]) - float(all_rec[0]["wall_time_s"])) / len(rec)
-            rows.append(f"| {config} | {len(rec)} | {ep:.2f} | {ev:.2f} | {per:.2f} | {100 * per / 60:.1f} | {wall:.0f} |")
+            rows.append(
+                f"| {config} | {len(rec)} | {ep:.2f} | {ev:.2f} | {per:.2f} | {100 * per / 60:.1f} | "
+                f"{wall:.0f} |"
+            )
         else:
             rows.append(f"| {config} | 0 (rc={rc}; see log) | | | | | {wall:.0f} |")
         (args.out / "train_times.md").write_text("\n".join(rows) + "\n")
@@ -135,7 +155,9 @@ def inverse_phase(args: argparse.Namespace, runs: Path, data: Path) -> None:
         out = runs / ("inverse-truncated" if trunc else "inverse-untruncated") / name
         out.parent.mkdir(parents=True, exist_ok=True)
         sets = INVERSE_SET + [f"seed={seed}", f"optim.gn.inverse={inv}", "train.checkpoint_every=0"]
-        sets += ["optim.gn.rtol=0.01", "optim.gn.atol=1e-5"] if trunc else ["optim.gn.rtol=0", "optim.gn.atol=0"]
+        sets += (
+            ["optim.gn.rtol=0.01", "optim.gn.atol=1e-5"] if trunc else ["optim.gn.rtol=0", "optim.gn.atol=0"]
+        )
         if args.quick:
             sets += QUICK_SET + ["train.epochs=3"]
         procs[name] = (out, train("mnist-minibatch/gn", out, data, sets))
@@ -150,8 +172,12 @@ def inverse_phase(args: argparse.Namespace, runs: Path, data: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="folder holding MNIST/raw (and maybe CIFAR-10)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data", type=Path, required=True, help="folder holding MNIST/raw (and maybe CIFAR-10)"
+    )
     parser.add_argument("--budget", type=float, default=520.0, help="seconds for the whole script")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_results")))
     parser.add_argument("--runs", type=Path, default=Path("runs/gpu"))
@@ -184,8 +210,12 @@ def main() -> int:
     inverse_phase(args, runs, args.data)
     with tarfile.open(args.out / "runs.tar.gz", "w:gz") as tar:
         for path in sorted(runs.rglob("*")):
-            if path.is_file() and "fake-cifar" not in path.parts and path.suffix not in (".pt",) \
-                    and "tensorboard" not in path.parts:
+            if (
+                path.is_file()
+                and "fake-cifar" not in path.parts
+                and path.suffix not in (".pt",)
+                and "tensorboard" not in path.parts
+            ):
                 tar.add(path, arcname=str(path.relative_to(runs)))
     log("done")
     return 0

@@ -3,7 +3,8 @@
 
 From the official MNIST files (``ROOT/MNIST/raw/*-ubyte.gz``) it takes, in file order, the first
 ``--train-per-class`` training images of every class and the first ``--test-per-class`` test images of every
-class, keeping their original order (classes stay interleaved). It stores uint8 pixels, labels and each image's
+class, keeping their original order (classes stay interleaved). It stores uint8 pixels, labels and each
+image's
 index in the original file. The archive is written byte-for-byte reproducibly (fixed zip timestamps), so its
 SHA-256 depends only on the inputs and the options; it is printed at the end and must be recorded in
 ``exactgn.lab.data.BUNDLED_MNIST_SHA256``.
@@ -51,8 +52,12 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default=None, help="folder holding MNIST/raw/ (default: $EXACTGN_DATA)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data-root", default=None, help="folder holding MNIST/raw/ (default: $EXACTGN_DATA)"
+    )
     parser.add_argument("--train-per-class", type=int, default=500)
     parser.add_argument("--test-per-class", type=int, default=100)
     parser.add_argument("--out", type=Path, default=BUNDLED_MNIST)
@@ -72,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_npz(args.out, arrays)
     digest = hashlib.sha256(args.out.read_bytes()).hexdigest()
-    print(f"wrote {args.out}: {len(train_idx)} train + {len(test_idx)} test images, {args.out.stat().st_size} bytes")
+    print(
+        f"wrote {args.out}: {len(train_idx)} train + {len(test_idx)} test images, {args.out.stat().st_size} "
+        "bytes"
+    )
     print(f"sha256 {digest}")
     return 0
 

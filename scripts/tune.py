@@ -2,7 +2,8 @@
 
     python scripts/tune.py runs/studies/tune-minibatch-cpu                  # the table and the chosen rates
     python scripts/tune.py runs/studies/tune-minibatch-cpu \\
-        --template exactgn/lab/configs/studies/tuning/final-minibatch-cpu.toml --out runs/final-minibatch-cpu.toml
+        --template exactgn/lab/configs/studies/tuning/final-minibatch-cpu.toml --out
+        runs/final-minibatch-cpu.toml
 
 Reads every run folder below TUNING_DIR (config.toml, meta.json, epochs.csv: a run folder or a results/ copy).
 Contenders are exactgn.lab.evidence.contender labels (jflat-trunc, jflat, jplus, adam, sgd). Selection: per

@@ -1,4 +1,5 @@
-"""Shared fixtures and the brute-force float64 references (DESIGN §4). References live here, not in the package."""
+"""Shared fixtures and the brute-force float64 references (DESIGN §4). References live here, not in the
+package."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import torch
 from torch.func import functional_call, jacrev
 
 import exactgn
-
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -27,7 +27,8 @@ def rng(request: pytest.FixtureRequest) -> torch.Generator:
     """A seeded generator, one stream per test: every check draws its own inputs and weights.
 
     By default the seed is a hash of the test's id, so CI and every rerun see the same draws; set
-    ``EXACTGN_TEST_SEED`` to an integer to replay a seed, or to ``random`` to explore new draws (the seed is printed
+    ``EXACTGN_TEST_SEED`` to an integer to replay a seed, or to ``random`` to explore new draws (the seed is
+    printed
     and shown on failure)."""
     env = os.environ.get("EXACTGN_TEST_SEED", "")
     if env == "random":
@@ -55,7 +56,8 @@ def flat(direction: dict[str, torch.Tensor], model: torch.nn.Module) -> torch.Te
 
 
 def jacobian(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``J = ∂o/∂θ`` by ``torch.func.jacrev``: ``Bk × P``, rows ``i·k + c``, columns in ``named_parameters`` order."""
+    """``J = ∂o/∂θ`` by ``torch.func.jacrev``: ``Bk × P``, rows ``i·k + c``, columns in ``named_parameters``
+    order."""
     params = {name: p.detach() for name, p in model.named_parameters()}
     jac = jacrev(lambda ps: functional_call(model, ps, (x,)))(params)
     rows = x.shape[0] * model.num_classes
@@ -66,7 +68,8 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).detach().norm() / b.detach().norm())
 
 
-# ---------------------------------------------------------------------------- tiny genuine runs (diagnostics, report)
+# ---------------------------------------------------------------------------- tiny genuine runs (diagnostics,
+# report)
 TINY_RUN_TOML = """
 name = "tiny"
 [data]
@@ -98,14 +101,22 @@ TINY_RUNS = (
 
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A sweep folder of four genuine ``exactgn train`` runs on the bundled MNIST (64 images, 2 epochs, diagnostics
-    on, epoch checkpoints kept): GN full-batch with seeds 0 and 1, Adam full-batch and Adam mini-batch (B=16)."""
+    """A sweep folder of four genuine ``exactgn train`` runs on the bundled MNIST (64 images, 2 epochs,
+    diagnostics
+    on, epoch checkpoints kept): GN full-batch with seeds 0 and 1, Adam full-batch and Adam mini-batch
+    (B=16)."""
     from exactgn.lab.config import loads_config
     from exactgn.lab.train import train
 
     sweep = tmp_path_factory.mktemp("sweep")
     base = loads_config(TINY_RUN_TOML)
     for folder, opt, seed, batch, lr in TINY_RUNS:
-        overrides = [f"name='{folder}'", f"optim.name='{opt}'", f"seed={seed}", f"train.batch_size={batch}", f"optim.lr={lr}"]
+        overrides = [
+            f"name='{folder}'",
+            f"optim.name='{opt}'",
+            f"seed={seed}",
+            f"train.batch_size={batch}",
+            f"optim.lr={lr}",
+        ]
         train(base, sweep / folder, overrides=overrides, progress=False)
     return sweep

@@ -9,8 +9,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import exactgn
-from exactgn.lab.bench import step_flops
 from exactgn.cli import main
+from exactgn.lab.bench import step_flops
 
 
 @pytest.mark.parametrize("hidden", [8, None])
@@ -28,8 +28,27 @@ def test_counted_flops_of_forward_and_adam_match_torch(hidden):
 
 def test_bench_writes_the_documented_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    args = ["bench", "--features", "16", "--hidden", "8", "--blocks", "2", "--batch", "4", "--classes", "3",
-            "--repeats", "3", "--warmup", "1", "--device", "cpu", "--json", str(out)]
+    args = [
+        "bench",
+        "--features",
+        "16",
+        "--hidden",
+        "8",
+        "--blocks",
+        "2",
+        "--batch",
+        "4",
+        "--classes",
+        "3",
+        "--repeats",
+        "3",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+        "--json",
+        str(out),
+    ]
     assert main(args) == 0
     table = capsys.readouterr().out
     for row in ("forward", "adam_step", "gn_right_step", "gn_pinv_step", "× Adam step"):
@@ -50,8 +69,26 @@ def test_bench_writes_the_documented_json(tmp_path, capsys):
 
 
 def test_bench_truncation_reaches_the_steps(tmp_path, capsys):
-    base = ["bench", "--features", "16", "--hidden", "8", "--blocks", "2", "--batch", "4", "--classes", "3",
-            "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json"]
+    base = [
+        "bench",
+        "--features",
+        "16",
+        "--hidden",
+        "8",
+        "--blocks",
+        "2",
+        "--batch",
+        "4",
+        "--classes",
+        "3",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--device",
+        "cpu",
+        "--json",
+    ]
     assert main(base + [str(tmp_path / "exact.json")]) == 0
     assert main(base + [str(tmp_path / "trunc.json"), "--rtol", "1e-2", "--atol", "1e-5"]) == 0
     assert "truncated: rtol=0.01 atol=1e-05" in capsys.readouterr().out
@@ -66,5 +103,22 @@ def test_bench_truncation_reaches_the_steps(tmp_path, capsys):
 def test_bench_rejects_bad_sizes(capsys):
     with pytest.raises(SystemExit, match="--batch must be at least 1"):
         main(["bench", "--batch", "0"])
-    assert main(["bench", "--features", "15", "--hidden", "4", "--batch", "2", "--repeats", "1", "--device", "cpu"]) == 2
+    assert (
+        main(
+            [
+                "bench",
+                "--features",
+                "15",
+                "--hidden",
+                "4",
+                "--batch",
+                "2",
+                "--repeats",
+                "1",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     assert "in_features must be even" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""TOML run configs: schema errors that name the key, overrides, the writer, and the shipped reference settings."""
+"""TOML run configs: schema errors that name the key, overrides, the writer, and the shipped reference
+settings."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def test_defaults_and_partial_files():
 BAD = {
     # TOML text: expected message (regex)
     '[optim]\nlr = "abc"\n': r"optim\.lr: expected a number, got 'abc'",
-    "[optim]\nlrr = 0.1\n": r"optim\.lrr: unknown key \(did you mean 'lr'\?\); the keys of \[optim\] are: name, lr,",
+    "[optim]\nlrr = 0.1\n": r"optim\.lrr: unknown key \(did you mean 'lr'\?\); the keys of \[optim\] are: "
+    r"name, lr,",
     "epochz = 3\n": r"epochz: unknown key; the keys of the top level are",
     "[trian]\nepochs = 3\n": r"trian: unknown key \(did you mean 'train'\?\)",
     "[optim.gn]\nrtoll = 1e-2\n": r"optim\.gn\.rtoll: unknown key \(did you mean 'rtol'\?\)",
@@ -38,8 +40,10 @@ BAD = {
     "[model]\nhidden = 0\n": r"model\.hidden: must be >= 1",
     "[optim.adam]\nbetas = [0.9]\n": r"optim\.adam\.betas: expected two numbers in \[0, 1\)",
     "[data]\ncrop_scale = [0.5, 2.0]\n": r"data\.crop_scale: the area fraction cannot exceed 1",
-    "[optim.sgd]\nnesterov = true\n": r"optim\.sgd\.nesterov: Nesterov momentum needs optim\.sgd\.momentum > 0",
-    "[train]\nloss = 'mse'\n[optim.gn]\nhessian = 'exact'\n": r"optim\.gn\.hessian: 'exact' applies to cross-entropy",
+    "[optim.sgd]\nnesterov = true\n": r"optim\.sgd\.nesterov: Nesterov momentum needs optim\.sgd\.momentum > "
+    r"0",
+    "[train]\nloss = 'mse'\n[optim.gn]\nhessian = 'exact'\n": r"optim\.gn\.hessian: 'exact' applies to "
+    r"cross-entropy",
     "[train]\ndevice = 'gpu'\n": r"train\.device: expected auto, cpu, cuda, cuda:N or mps, got 'gpu'",
     "name = 'a/b'\n": r"name: must be a non-empty name without slashes",
 }
@@ -59,7 +63,9 @@ def test_errors_name_the_file(tmp_path):
     path.write_text("[optim\nlr = 1\n")
     with pytest.raises(C.ConfigError, match=r"bad\.toml: invalid TOML"):
         C.load_config(path)
-    with pytest.raises(C.ConfigError, match=r"no such file, and no shipped experiment .*did you mean mnist-fullbatch/gn"):
+    with pytest.raises(
+        C.ConfigError, match=r"no such file, and no shipped experiment .*did you mean mnist-fullbatch/gn"
+    ):
         C.load_config("mnist-fullbatc/gn")
 
 
@@ -87,8 +93,10 @@ def test_overrides_are_typed_and_checked():
 
 # ---------------------------------------------------------------------------- writer
 def test_resolved_config_round_trips_through_the_writer(tmp_path):
-    cfg = C.loads_config('name = "q"\ndescription = "a \\"quoted\\" \\\\ path\\nnewline\\t tab é"\n'
-                         "[optim]\nlr = 1e-05\n[optim.gn]\nrtol = 0.01\n[data]\ncrop_ratio = [0.75, 1.3333333333333333]\n")
+    cfg = C.loads_config(
+        'name = "q"\ndescription = "a \\"quoted\\" \\\\ path\\nnewline\\t tab é"\n'
+        "[optim]\nlr = 1e-05\n[optim.gn]\nrtol = 0.01\n[data]\ncrop_ratio = [0.75, 1.3333333333333333]\n"
+    )
     text = C.dumps(cfg, header="two\nlines")
     assert text.startswith("# two\n# lines\n")
     again = C.loads_config(text)
@@ -96,7 +104,9 @@ def test_resolved_config_round_trips_through_the_writer(tmp_path):
     path = tmp_path / "c.toml"
     C.write_config(cfg, path)
     assert C.to_dict(C.load_config(path)) == C.to_dict(cfg)
-    parsed = tomllib.loads(C.dumps({"a": float("inf"), "b": {"c": [True, 2, "x"], "d": {"e": -0.0}}, "f g": 1}))
+    parsed = tomllib.loads(
+        C.dumps({"a": float("inf"), "b": {"c": [True, 2, "x"], "d": {"e": -0.0}}, "f g": 1})
+    )
     assert parsed == {"a": float("inf"), "b": {"c": [True, 2, "x"], "d": {"e": -0.0}}, "f g": 1}
 
 
@@ -106,7 +116,13 @@ def test_resolved_config_round_trips_through_the_writer(tmp_path):
 
 def test_settings_listing_and_every_shipped_file_loads():
     settings = C.list_settings()
-    for s in ("mnist-fullbatch", "mnist-minibatch-cpu", "cifar10-fullbatch-cpu", "demo-fullbatch", "demo-minibatch"):
+    for s in (
+        "mnist-fullbatch",
+        "mnist-minibatch-cpu",
+        "cifar10-fullbatch-cpu",
+        "demo-fullbatch",
+        "demo-minibatch",
+    ):
         assert s in settings
     names = C.list_experiments()
     assert len(names) >= 30

@@ -1,4 +1,5 @@
-"""Data readers: formats written by the tests themselves, every kind of bad file, the bundled subset, the real data."""
+"""Data readers: formats written by the tests themselves, every kind of bad file, the bundled subset, the real
+data."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import data_root
 
 from exactgn.lab import data as D
 
-from conftest import data_root
-
-# The SHA-256 of exactgn/lab/assets/mnist_small.npz, recorded here as well as in the package: changing the bundle
+# The SHA-256 of exactgn/lab/assets/mnist_small.npz, recorded here as well as in the package: changing the
+# bundle
 # must be a deliberate change of both.
 BUNDLED_SHA256 = "a92864861dbffded480439dd76ab960e2d417ce75070fc285763bd8050b399b8"
 
@@ -57,7 +58,9 @@ def write_mnist(folder: Path, n_train: int = 30, n_test: int = 12, *, gz: bool =
     return arrays
 
 
-def cifar_batch(n: int, rng: np.random.Generator, *, py2_layout: bool = True) -> tuple[dict, np.ndarray, list[int]]:
+def cifar_batch(
+    n: int, rng: np.random.Generator, *, py2_layout: bool = True
+) -> tuple[dict, np.ndarray, list[int]]:
     data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
     labels = [int(v) for v in rng.integers(0, 10, n)]
     if py2_layout:  # what the official files unpickle to with encoding="bytes"
@@ -67,7 +70,9 @@ def cifar_batch(n: int, rng: np.random.Generator, *, py2_layout: bool = True) ->
     return obj, data, labels
 
 
-def write_cifar(folder: Path, n: int = 4, seed: int = 0, *, py2_layout: bool = True) -> tuple[np.ndarray, list[int], np.ndarray, list[int]]:
+def write_cifar(
+    folder: Path, n: int = 4, seed: int = 0, *, py2_layout: bool = True
+) -> tuple[np.ndarray, list[int], np.ndarray, list[int]]:
     rng = np.random.default_rng(seed)
     d = folder / "cifar-10-batches-py"
     d.mkdir(parents=True, exist_ok=True)
@@ -205,18 +210,31 @@ class _Evil:
 BAD_CIFAR = {
     "truncated": (lambda good: good[: len(good) // 3], "truncated: the pickle ends early"),
     "garbage": (lambda good: b"\x00garbage" * 10, "not a valid CIFAR-10 batch pickle"),
-    "not a dict": (lambda good: pickle.dumps([1, 2, 3], protocol=2), "a CIFAR-10 batch is a pickled dict, got list"),
+    "not a dict": (
+        lambda good: pickle.dumps([1, 2, 3], protocol=2),
+        "a CIFAR-10 batch is a pickled dict, got list",
+    ),
     "no data": (lambda good: pickle.dumps({b"labels": [1]}, protocol=2), "has no 'data' entry"),
-    "wrong shape": (lambda good: pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [1, 2]}, protocol=2),
-                    r"'data' must be a uint8 array of shape \(N, 3072\)"),
-    "float data": (lambda good: pickle.dumps({b"data": np.zeros((2, 3072)), b"labels": [1, 2]}, protocol=2),
-                   "got float64"),
-    "label count": (lambda good: pickle.dumps({b"data": np.zeros((3, 3072), np.uint8), b"labels": [1, 2]}, protocol=2),
-                    "3 images but 2 labels"),
-    "label range": (lambda good: pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 12]}, protocol=2),
-                    "labels must lie in 0..9"),
-    "code in the pickle": (lambda good: pickle.dumps({b"data": _Evil(), b"labels": []}, protocol=2),
-                           r"refers to \w+\.call, which a CIFAR-10 batch never contains"),
+    "wrong shape": (
+        lambda good: pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [1, 2]}, protocol=2),
+        r"'data' must be a uint8 array of shape \(N, 3072\)",
+    ),
+    "float data": (
+        lambda good: pickle.dumps({b"data": np.zeros((2, 3072)), b"labels": [1, 2]}, protocol=2),
+        "got float64",
+    ),
+    "label count": (
+        lambda good: pickle.dumps({b"data": np.zeros((3, 3072), np.uint8), b"labels": [1, 2]}, protocol=2),
+        "3 images but 2 labels",
+    ),
+    "label range": (
+        lambda good: pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 12]}, protocol=2),
+        "labels must lie in 0..9",
+    ),
+    "code in the pickle": (
+        lambda good: pickle.dumps({b"data": _Evil(), b"labels": []}, protocol=2),
+        r"refers to \w+\.call, which a CIFAR-10 batch never contains",
+    ),
 }
 
 
@@ -264,8 +282,11 @@ def test_bundled_mnist_is_real_mnist_and_its_script_reproduces_it(tmp_path):
             np.testing.assert_array_equal(npz[f"{split}_labels"], full.labels[idx])
     script = Path(__file__).resolve().parents[1] / "scripts" / "make_bundled_mnist.py"
     out = tmp_path / "again.npz"
-    subprocess.run([sys.executable, str(script), "--data-root", str(root), "--out", str(out)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(script), "--data-root", str(root), "--out", str(out)],
+        check=True,
+        capture_output=True,
+    )
     assert hashlib.sha256(out.read_bytes()).hexdigest() == BUNDLED_SHA256
 
 
@@ -316,8 +337,13 @@ def test_one_hot_and_normalise_mnist():
 def ramps(n: int, size: int) -> torch.Tensor:
     """``n`` two-channel images: channel 0 holds each pixel centre's x, channel 1 its y."""
     coords = torch.arange(size, dtype=torch.float64) + 0.5
-    return torch.cat([coords.view(1, 1, 1, size).expand(n, 1, size, size),
-                      coords.view(1, 1, size, 1).expand(n, 1, size, size)], 1).contiguous()
+    return torch.cat(
+        [
+            coords.view(1, 1, 1, size).expand(n, 1, size, size),
+            coords.view(1, 1, size, 1).expand(n, 1, size, size),
+        ],
+        1,
+    ).contiguous()
 
 
 def crop_boxes(out: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -332,7 +358,8 @@ def crop_boxes(out: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def test_random_resized_crop_geometry():
-    """On linear ramps, bilinear resampling is exact, so the output reveals each crop box: every box must lie in
+    """On linear ramps, bilinear resampling is exact, so the output reveals each crop box: every box must lie
+    in
     the image, with area fraction in ``scale`` and aspect ratio in ``ratio``."""
     n, size = 64, 32
     images = ramps(n, size)
@@ -353,7 +380,9 @@ def test_random_resized_crop_geometry():
 
 def test_random_resized_crop_whole_image_is_identity_and_falls_back_to_centre():
     x = torch.randn(5, 3, 32, 32)
-    assert torch.allclose(D.random_resized_crop(x, torch.Generator().manual_seed(0), (1.0, 1.0), (1.0, 1.0)), x, atol=1e-6)
+    assert torch.allclose(
+        D.random_resized_crop(x, torch.Generator().manual_seed(0), (1.0, 1.0), (1.0, 1.0)), x, atol=1e-6
+    )
     # A box of the whole area with aspect ratio 4 never fits: the fall-back is the full-width box of ratio 4
     # (32 × 8), centred (top 12).
     out = D.random_resized_crop(ramps(3, 32), torch.Generator().manual_seed(0), (1.0, 1.0), (4.0, 4.0))
@@ -363,9 +392,13 @@ def test_random_resized_crop_whole_image_is_identity_and_falls_back_to_centre():
 
 
 def test_asking_for_more_images_than_exist_is_an_error():
-    with pytest.raises(D.DataError, match=r"data.train_size = 6000 exceeds the 5000 images of mnist-small's training set"):
+    with pytest.raises(
+        D.DataError, match=r"data.train_size = 6000 exceeds the 5000 images of mnist-small's training set"
+    ):
         D.load_dataset("mnist-small", train_size=6000)
-    with pytest.raises(D.DataError, match=r"data.test_size = 1001 exceeds the 1000 images of mnist-small's test set"):
+    with pytest.raises(
+        D.DataError, match=r"data.test_size = 1001 exceeds the 1000 images of mnist-small's test set"
+    ):
         D.load_dataset("mnist-small", test_size=1001)
     assert len(D.load_dataset("mnist-small", train_size=5000, test_size=1000).train) == 5000
 
@@ -403,9 +436,12 @@ def test_validation_split_of_the_whole_training_file_gives_training_the_rest():
 
 def test_a_validation_set_that_does_not_fit_is_refused_with_the_keys_to_change():
     labels = np.arange(100) % 10
-    with pytest.raises(D.DataError, match=r"data.val_size = 31 is too large: "
-                                          r"data.train_size = 70 leaves 30 .*"
-                                          r"use data.val_size <= 30"):
+    with pytest.raises(
+        D.DataError,
+        match=r"data.val_size = 31 is too large: "
+        r"data.train_size = 70 leaves 30 .*"
+        r"use data.val_size <= 30",
+    ):
         D.split_indices(labels, 70, val_size=31)
     with pytest.raises(D.DataError, match=r"data.val_size = 100 is too large: .*use data.val_size <= 99"):
         D.split_indices(labels, 0, val_size=100)

@@ -1,4 +1,5 @@
-"""Diagnostics (DESIGN §5) against float64 brute-force references: kernel alignment, CKA, weights, recorder, diagnose."""
+"""Diagnostics (DESIGN §5) against float64 brute-force references: kernel alignment, CKA, weights, recorder,
+diagnose."""
 
 from __future__ import annotations
 
@@ -9,12 +10,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import jacobian, random_model
 
 import exactgn
-from exactgn.lab import diagnostics as dg
 from exactgn.cli import main as cli_main
-
-from conftest import jacobian, random_model
+from exactgn.lab import diagnostics as dg
 
 F64 = torch.float64
 
@@ -45,7 +45,8 @@ def test_kernel_alignment_self_scaling_and_different(rng):
 
 
 def test_one_minus_alignment_is_accurate_near_one(rng):
-    # Lazy training moves the NTK by tiny amounts, so 1 − alignment (the rate of change) must be accurate where the
+    # Lazy training moves the NTK by tiny amounts, so 1 − alignment (the rate of change) must be accurate
+    # where the
     # alignment is within ~1e-13 of 1. Reference without cancellation: with a, b the flattened kernels,
     # 1 − cos = s/(1 + cos) where s = sin² = Σ_{i<j}(a_i b_j − a_j b_i)² / (‖a‖²‖b‖²) (Lagrange's identity).
     k = _psd(rng, 4)
@@ -56,8 +57,12 @@ def test_one_minus_alignment_is_accurate_near_one(rng):
     cos = math.sqrt(1 - sin2)
     want = sin2 / (1 + cos)
     assert 1e-16 < want < 1e-10
-    assert dg.ntk_rate(k, kt, 1) == pytest.approx(want, rel=1e-6)  # 1 − alignment, computed without cancellation
-    assert 1 - dg.kernel_alignment(k, kt) == pytest.approx(want, abs=1e-15)  # the alignment itself: to rounding
+    assert dg.ntk_rate(k, kt, 1) == pytest.approx(
+        want, rel=1e-6
+    )  # 1 − alignment, computed without cancellation
+    assert 1 - dg.kernel_alignment(k, kt) == pytest.approx(
+        want, abs=1e-15
+    )  # the alignment itself: to rounding
     assert dg.kernel_alignment(k, k) == 1.0 and dg.weight_cosine(k, k) == 1.0
 
 
@@ -129,7 +134,10 @@ def test_unbiased_cka_matches_u_statistic(rng):
     n = 7
     x = torch.randn(n, 3, generator=rng, dtype=F64)
     y = x @ torch.randn(3, 4, generator=rng, dtype=F64) + 0.5 * torch.randn(n, 4, generator=rng, dtype=F64)
-    k, l = x @ x.T, y @ y.T  # the unbiased HSIC is invariant to centring the features: uncentred Grams are fine
+    k, l = (
+        x @ x.T,
+        y @ y.T,
+    )  # the unbiased HSIC is invariant to centring the features: uncentred Grams are fine
     brute = _hsic_u_statistic(k, l) / math.sqrt(_hsic_u_statistic(k, k) * _hsic_u_statistic(l, l))
     assert dg.linear_cka(x, y, unbiased=True) == pytest.approx(brute, rel=1e-10)
 
@@ -149,10 +157,14 @@ def test_linear_cka_invariances(rng, unbiased):
 
 
 def test_unbiased_cka_near_zero_for_independent_gaussians(rng):
-    # n = p = q = 256 independent N(0, 1) entries. The biased CKA concentrates near p/(p + n) = 0.5 (its HSIC has a
-    # positive bias of order p·q/n that does not shrink with p), measured over 200 draws: mean 0.500, minimum 0.490.
-    # The unbiased estimator has mean 0 and a standard deviation of about 0.006 at this size (largest |value| over
-    # 200 draws 0.015), so |value| < 0.05 is an 8-sigma bound, and biased > 0.4 holds by a margin of ~15 sigma.
+    # n = p = q = 256 independent N(0, 1) entries. The biased CKA concentrates near p/(p + n) = 0.5 (its HSIC
+    # has a
+    # positive bias of order p·q/n that does not shrink with p), measured over 200 draws: mean 0.500, minimum
+    # 0.490.
+    # The unbiased estimator has mean 0 and a standard deviation of about 0.006 at this size (largest |value|
+    # over
+    # 200 draws 0.015), so |value| < 0.05 is an 8-sigma bound, and biased > 0.4 holds by a margin of ~15
+    # sigma.
     n = p = 256
     x = torch.randn(n, p, generator=rng, dtype=F64)
     y = torch.randn(n, p, generator=rng, dtype=F64)
@@ -168,7 +180,8 @@ def test_linear_cka_errors_and_degenerate(rng):
     assert math.isnan(dg.linear_cka(torch.ones(5, 3, dtype=F64), torch.randn(5, 2, generator=rng, dtype=F64)))
 
 
-# ---------------------------------------------------------------------------- block outputs and representation CKA
+# ---------------------------------------------------------------------------- block outputs and
+# representation CKA
 def test_block_outputs_are_the_states(rng):
     model = random_model(rng, in_features=12, num_classes=3, num_blocks=3, hidden=16)
     x = torch.randn(9, 12, generator=rng, dtype=F64)
@@ -240,7 +253,9 @@ def test_weight_metrics_per_half_layer_excludes_bias(rng):
         assert out[f"weight_cosine/{name}"] == pytest.approx(1.0, abs=1e-14)
     n0f, n1g = m0.blocks[0].f.weight.detach().norm() ** 2, m0.blocks[1].g.weight.detach().norm() ** 2
     total = sum(layer.weight.detach().norm() ** 2 for layer in m0.half_layers())
-    assert out["weight_rel_change/all"] == pytest.approx(float(torch.sqrt((4 * n0f + 4 * n1g) / total)), rel=1e-12)
+    assert out["weight_rel_change/all"] == pytest.approx(
+        float(torch.sqrt((4 * n0f + 4 * n1g) / total)), rel=1e-12
+    )
     # State dicts work too and give the same numbers.
     assert dg.weight_metrics(mt.state_dict(), m0.state_dict()) == pytest.approx(out, rel=1e-15)
 
@@ -248,8 +263,14 @@ def test_weight_metrics_per_half_layer_excludes_bias(rng):
 # ---------------------------------------------------------------------------- per-batch loss change
 def test_loss_change_summary_per_epoch(tmp_path, rng):
     values = {1: torch.randn(17, generator=rng, dtype=F64).tolist(), 2: [-50.0, -10.0, 5.0]}
-    rows = [{"epoch": str(e), "step": str(i), "loss_change_pct": repr(v)} for e, vs in values.items() for i, v in enumerate(vs)]
-    rows.append({"epoch": "2", "step": "9", "loss_change_pct": ""})  # a step without a measured change: skipped
+    rows = [
+        {"epoch": str(e), "step": str(i), "loss_change_pct": repr(v)}
+        for e, vs in values.items()
+        for i, v in enumerate(vs)
+    ]
+    rows.append(
+        {"epoch": "2", "step": "9", "loss_change_pct": ""}
+    )  # a step without a measured change: skipped
     path = tmp_path / "steps.csv"
     with open(path, "w") as fh:
         fh.write("epoch,step,loss_change_pct\n")
@@ -296,14 +317,22 @@ def test_recorder_matches_ntk_gram_and_brute_force(rng):
     assert r1["ntk_alignment"] == pytest.approx(dg.kernel_alignment(j0 @ j0.T, j1 @ j1.T), rel=1e-10)
     assert r1["ntk_rate"] == pytest.approx(1 - dg.kernel_alignment(k0, k1), rel=1e-9)
     assert r1["ntk_rel_change"] == pytest.approx(float((k1 - k0).norm() / k0.norm()), rel=1e-10)
-    assert r1["ntk_probe_cosine"] == pytest.approx(dg.ntk_probe_cosine(k0, k1, dg.probe_vector(18, 5)), rel=1e-12)
+    assert r1["ntk_probe_cosine"] == pytest.approx(
+        dg.ntk_probe_cosine(k0, k1, dg.probe_vector(18, 5)), rel=1e-12
+    )
     outs1 = dg.block_outputs(m1, probe)
     for l in range(2):
         assert r1[f"cka/block{l}"] == pytest.approx(dg.linear_cka(outs0[l], outs1[l]), rel=1e-12)
-        assert r1[f"cka_unbiased/block{l}"] == pytest.approx(dg.linear_cka(outs0[l], outs1[l], unbiased=True), rel=1e-12)
+        assert r1[f"cka_unbiased/block{l}"] == pytest.approx(
+            dg.linear_cka(outs0[l], outs1[l], unbiased=True), rel=1e-12
+        )
         prev0, prev1 = (probe, probe) if l == 0 else (outs0[l - 1], outs1[l - 1])
-        assert r1[f"cka_delta/block{l}"] == pytest.approx(dg.linear_cka(outs0[l] - prev0, outs1[l] - prev1), rel=1e-10)
-    assert {k: v for k, v in r1.items() if k.startswith("weight_")} == pytest.approx(dg.weight_metrics(m1, m0), rel=1e-12)
+        assert r1[f"cka_delta/block{l}"] == pytest.approx(
+            dg.linear_cka(outs0[l] - prev0, outs1[l] - prev1), rel=1e-10
+        )
+    assert {k: v for k, v in r1.items() if k.startswith("weight_")} == pytest.approx(
+        dg.weight_metrics(m1, m0), rel=1e-12
+    )
     assert r1["diagnostics_time_s"] > 0 and r1["epoch"] == 1 and r1["probe_size"] == 6
     assert all(isinstance(v, (int, float)) for v in r1.values())
     json.dumps(r1, allow_nan=False)  # JSON-friendly
@@ -350,8 +379,10 @@ def test_recorder_float64_of_float32_model(rng):
 # ---------------------------------------------------------------------------- diagnose from checkpoints
 def _save_ckpt(run, model, epoch):
     (run / "checkpoints").mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "model_config": model.config(), "epoch": epoch},
-               run / "checkpoints" / f"epoch_{epoch:04d}.pt")
+    torch.save(
+        {"model": model.state_dict(), "model_config": model.config(), "epoch": epoch},
+        run / "checkpoints" / f"epoch_{epoch:04d}.pt",
+    )
 
 
 def _fake_checkpoint_run(tmp_path, rng, epochs=3):

@@ -1,4 +1,5 @@
-"""Matched-training-loss selection, CKA between runs at matched loss, contender labels (exactgn.lab.evidence)."""
+"""Matched-training-loss selection, CKA between runs at matched loss, contender labels
+(exactgn.lab.evidence)."""
 
 from __future__ import annotations
 

@@ -22,8 +22,10 @@ def test_every_optimiser_table_has_a_stepper_and_back():
 
 
 def test_adamw_stepper_is_torchs_adamw_with_decoupled_decay():
-    cfg = loads_config('[optim]\nname = "adamw"\nlr = 0.01\nweight_decay = 0.1\n[optim.adamw]\n'
-                       "betas = [0.8, 0.99]\neps = 1e-6\n[model]\nhidden = 16\ndtype = 'float64'\n")
+    cfg = loads_config(
+        '[optim]\nname = "adamw"\nlr = 0.01\nweight_decay = 0.1\n[optim.adamw]\n'
+        "betas = [0.8, 0.99]\neps = 1e-6\n[model]\nhidden = 16\ndtype = 'float64'\n"
+    )
     model = build_model(cfg, 12, 3)
     reference = build_model(cfg, 12, 3)
     stepper = build_stepper(cfg, model)
@@ -44,9 +46,11 @@ def test_adamw_config_is_checked_and_trains(tmp_path):
         loads_config("[optim.adamw]\nbetas = [0.9, 1.5]\n")
     with pytest.raises(ConfigError, match=r"optim\.adamw\.amsgrad: expected true or false"):
         loads_config("[optim.adamw]\namsgrad = 1\n")
-    cfg = loads_config('name = "w"\n[optim]\nname = "adamw"\nlr = 1e-3\nweight_decay = 0.01\n'
-                       "[data]\ntrain_size = 40\ntest_size = 20\n[model]\nhidden = 32\n"
-                       "[train]\nepochs = 1\nbatch_size = 20\n")
+    cfg = loads_config(
+        'name = "w"\n[optim]\nname = "adamw"\nlr = 1e-3\nweight_decay = 0.01\n'
+        "[data]\ntrain_size = 40\ntest_size = 20\n[model]\nhidden = 32\n"
+        "[train]\nepochs = 1\nbatch_size = 20\n"
+    )
     run = train(cfg, tmp_path / "run", progress=False)
     assert read_meta(run)["status"] == "finished" and read_meta(run)["optimiser"] == "adamw"
     assert len(read_rows(run / "steps.csv")) == 2
@@ -88,7 +92,9 @@ def test_fashion_mnist_reads_its_idx_files_and_normalises_with_its_statistics(tm
 def test_fashion_mnist_errors_name_the_files(tmp_path, monkeypatch):
     _write_fashion(tmp_path)
     (tmp_path / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte.gz").unlink()
-    with pytest.raises(D.DataError, match=r"Fashion-MNIST: missing t10k-labels-idx1-ubyte\.gz in .*FashionMNIST"):
+    with pytest.raises(
+        D.DataError, match=r"Fashion-MNIST: missing t10k-labels-idx1-ubyte\.gz in .*FashionMNIST"
+    ):
         D.load_raw("fashion-mnist", tmp_path)
     # --download without torchvision: the error says what to install and which files to place by hand.
     monkeypatch.setitem(__import__("sys").modules, "torchvision", None)

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import relative
 from torch import nn
 from torch.func import functional_call, jacrev
 
 import exactgn
 from exactgn.generic import MemoryBoundError, UnsupportedModelError
-
-from conftest import relative
 
 F64 = torch.float64
 

@@ -1,6 +1,7 @@
 """Both GN directions and the NTK against brute force in float64 (DESIGN §4).
 
-Every check draws a fresh model and batch (see the ``rng`` fixture). ``J`` is built with ``torch.func.jacrev``.
+Every check draws a fresh model and batch (see the ``rng`` fixture). ``J`` is built with
+``torch.func.jacrev``.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ import warnings
 
 import pytest
 import torch
+from conftest import flat, jacobian, param_names, random_model, relative
 from torch.func import functional_call, grad
 
 import exactgn
-from conftest import flat, jacobian, param_names, random_model, relative
 from exactgn.errors import InexactStepError, NonFiniteError
 from exactgn.linalg import GramFallbackWarning
 from exactgn.losses import loss_value
@@ -91,8 +92,10 @@ def test_right_inverse_realises_v(rng, hidden, bias, blocks, target):
 
 
 def test_right_inverse_error_follows_the_conditioning(rng):
-    """Without a conditioning precondition: on any full-rank draw the error grows like u·cond(A), not u·cond(A)²
-    (the Gram route is kept only for cond(A) ≤ GRAM_MAX_COND = 64, a QR of Aᵀ beyond). The Gram-only solves this
+    """Without a conditioning precondition: on any full-rank draw the error grows like u·cond(A), not
+    u·cond(A)²
+    (the Gram route is kept only for cond(A) ≤ GRAM_MAX_COND = 64, a QR of Aᵀ beyond). The Gram-only solves
+    this
     replaced gave 1.3e-10 at cond(A) = 5.4e3, above this bound (7.7e-11). A solve that falls back warns once,
     naming its half-layer (asserted: a warning exactly for each fall-back, none below cond = 10³)."""
     u = torch.finfo(F64).eps / 2
@@ -119,9 +122,12 @@ def test_right_inverse_error_follows_the_conditioning(rng):
     assert worst > 64  # some draws took the QR route
 
 
-# ---------------------------------------------------------------------------- the reference's rule, independently
+# ---------------------------------------------------------------------------- the reference's rule,
+# independently
 def _half_layer_fn(layer):
-    """``u ↦ φ(u C) Wᵀ + β`` in plain torch (not exactgn's code), and its activation matrix ``[φ(u C), 1]``."""
+    """``u ↦ φ(u C) Wᵀ + β`` in plain torch (not exactgn's code), and its activation matrix ``[φ(u C),
+    1]``."""
+
     def act(u):
         pre = u if layer.proj is None else u @ layer.proj
         feats = pre if layer.activation == "identity" else torch.relu(pre)
@@ -183,10 +189,16 @@ def _reference_rule(model, x, v, *, asked=False, **reg):
 def _above_rank(rng, blocks, hidden=20, batch=16, k=K):
     """A batch above the identity first block's rank bound d/2 + 1 = 13 (the ReLU blocks' is 21)."""
     model = random_model(rng, in_features=D, num_classes=k, num_blocks=blocks, hidden=hidden)
-    return model, torch.randn(batch, D, generator=rng, dtype=F64), torch.randint(0, k, (batch,), generator=rng)
+    return (
+        model,
+        torch.randn(batch, D, generator=rng, dtype=F64),
+        torch.randint(0, k, (batch,), generator=rng),
+    )
 
 
-@pytest.mark.parametrize("hidden, bias, blocks", [(8, True, 1), (8, True, 3), (None, False, 2), (8, False, 2)])
+@pytest.mark.parametrize(
+    "hidden, bias, blocks", [(8, True, 1), (8, True, 3), (None, False, 2), (8, False, 2)]
+)
 def test_right_step_is_the_reference_rule_on_exact_batches(rng, hidden, bias, blocks):
     """Where every solve is exact the two rules agree, and exactgn's step is both."""
     model, x, y = draw(rng, model_batch(hidden, bias, blocks), hidden=hidden, bias=bias, num_blocks=blocks)
@@ -204,10 +216,16 @@ def model_batch(hidden, bias, blocks):
 @pytest.mark.parametrize("case", ["rtol", "atol", "damping", "above-rank", "above-rank-truncated"])
 @pytest.mark.parametrize("blocks", [1, 2, 3])
 def test_right_step_is_the_reference_rule_when_solves_are_not_exact(rng, case, blocks):
-    """Truncated, damped and least-squares (above the rank bound) steps follow the reference's rule, which here
+    """Truncated, damped and least-squares (above the rank bound) steps follow the reference's rule, which
+    here
     differs from the rule that discounted the asked change of a'."""
-    reg = {"rtol": dict(rtol=0.3), "atol": {}, "damping": dict(damping=0.3), "above-rank": {},
-           "above-rank-truncated": dict(rtol=1e-2, atol=1e-5)}[case]
+    reg = {
+        "rtol": dict(rtol=0.3),
+        "atol": {},
+        "damping": dict(damping=0.3),
+        "above-rank": {},
+        "above-rank-truncated": dict(rtol=1e-2, atol=1e-5),
+    }[case]
     if case.startswith("above-rank"):
         model, x, y = _above_rank(rng, blocks)
     else:
@@ -317,7 +335,9 @@ def _damped_pinv(a, lam):
     return a.T @ torch.linalg.inv(a @ a.T + lam * torch.eye(len(a), dtype=a.dtype))
 
 
-@pytest.mark.parametrize("reg", [dict(rtol=0.4), dict(atol="median"), dict(damping=0.5), dict(rtol=0.4, damping=0.5)])
+@pytest.mark.parametrize(
+    "reg", [dict(rtol=0.4), dict(atol="median"), dict(damping=0.5), dict(rtol=0.4, damping=0.5)]
+)
 def test_regularised_pinv_step_matches_explicit_svd(rng, reg):
     model, x, y = draw(rng, 6, hidden=8, bias=True, num_blocks=2)
     jac = jacobian(model, x)
@@ -335,12 +355,22 @@ def test_regularised_pinv_step_matches_explicit_svd(rng, reg):
 
 @pytest.mark.parametrize(
     "reg",
-    [dict(rtol=0.05), dict(atol=0.3), dict(damping=0.5), dict(), dict(lstsq="tall"), dict(lstsq="factored"),
-     dict(lstsq="deficient"), dict(lstsq="factored", rtol=0.05), dict(lstsq="tall", damping=0.5)],
+    [
+        dict(rtol=0.05),
+        dict(atol=0.3),
+        dict(damping=0.5),
+        dict(),
+        dict(lstsq="tall"),
+        dict(lstsq="factored"),
+        dict(lstsq="deficient"),
+        dict(lstsq="factored", rtol=0.05),
+        dict(lstsq="tall", damping=0.5),
+    ],
 )
 def test_single_block_right_step_matches_explicit_pseudo_inverses(rng, reg):
     """For L = 1, J♭v is (A_F⁺ δa')ᵀ and (A_G⁺ (δb' − (∂G/∂a')·A_F A_F⁺ δa'))ᵀ, built here from explicit SVDs:
-    G's target discounts the change of a' that F's step makes (the reference's rule), not the one it was asked for.
+    G's target discounts the change of a' that F's step makes (the reference's rule), not the one it was asked
+    for.
 
     ``lstsq``: batches above the rank bound with ``least_squares=True``: "tall" (h = 8 < d/2: A has more rows
     than columns), "factored" (h = 20 > d/2 = 12: A = [uC, 1] has rank 13 < 16 rows and 21 columns),
@@ -387,13 +417,17 @@ def test_right_inverse_refuses_a_batch_above_the_rank_bound(rng):
     y = torch.randint(0, K, (10,), generator=rng)
     with pytest.raises(InexactStepError, match=r"batch <= 9 here; got batch 10.*least_squares=True"):
         exactgn.gn_direction(model, x, y, inverse="right")
-    wide = random_model(rng, in_features=D, num_classes=K, num_blocks=2, hidden=40)  # identity block binds: 12 + 1
+    wide = random_model(
+        rng, in_features=D, num_classes=K, num_blocks=2, hidden=40
+    )  # identity block binds: 12 + 1
     x = torch.randn(14, D, generator=rng, dtype=F64)
     with pytest.raises(InexactStepError, match=r"batch <= 13.*blocks.0.f.*identity activation"):
         exactgn.gn_direction(wide, x, torch.zeros(14, dtype=torch.long), inverse="right")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GramFallbackWarning)
-        direction = exactgn.gn_direction(wide, x, torch.zeros(14, dtype=torch.long), inverse="right", least_squares=True)
+        direction = exactgn.gn_direction(
+            wide, x, torch.zeros(14, dtype=torch.long), inverse="right", least_squares=True
+        )
     assert all(torch.isfinite(t).all() for t in direction.values())
 
 

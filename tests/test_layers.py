@@ -63,13 +63,17 @@ MODULES = {module_name(p): p for p in SOURCES}
 
 
 def _library() -> list[Path]:
-    return [p for p in SOURCES if "lab" not in p.relative_to(PACKAGE).parts and module_name(p) not in ENTRY_POINTS]
+    return [
+        p for p in SOURCES if "lab" not in p.relative_to(PACKAGE).parts and module_name(p) not in ENTRY_POINTS
+    ]
 
 
 @pytest.mark.parametrize("path", _library(), ids=lambda p: p.name)
 def test_library_imports_neither_the_lab_nor_lab_dependencies(path):
     for target, _ in imports(path):
-        assert not target.startswith("exactgn.lab"), f"{path.name} imports {target}: the library must not use the lab"
+        assert not target.startswith("exactgn.lab"), (
+            f"{path.name} imports {target}: the library must not use the lab"
+        )
         assert target.split(".")[0] not in LAB_ONLY, f"{path.name} imports {target}, a lab-only dependency"
 
 
@@ -78,13 +82,20 @@ def test_nothing_imports_the_cli():
         if module_name(path) == "exactgn.__main__":
             continue
         for target, name in imports(path):
-            assert target != "exactgn.cli" and (target, name) != ("exactgn", "cli"), f"{path} imports exactgn.cli"
+            assert target != "exactgn.cli" and (target, name) != ("exactgn", "cli"), (
+                f"{path} imports exactgn.cli"
+            )
 
 
 def test_no_module_imports_another_modules_private_names():
     for path in SOURCES:
         for target, name in imports(path):
-            if target.startswith("exactgn") and name is not None and name.startswith("_") and name != "__version__":
+            if (
+                target.startswith("exactgn")
+                and name is not None
+                and name.startswith("_")
+                and name != "__version__"
+            ):
                 pytest.fail(f"{module_name(path)} imports {target}.{name}, a private name")
 
 
@@ -98,7 +109,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         stack.pop()
@@ -119,14 +130,20 @@ def test_find_cycle_finds_cycles():
 def test_the_import_graph_has_no_cycle():
     modules = set(MODULES)
     # A package's __init__ importing its own modules is not a cycle of the design: leave packages out.
-    graph = {m: {t for t in internal_edges(p, modules) if MODULES[t].name != "__init__.py"}
-             for m, p in MODULES.items() if p.name != "__init__.py"}
+    graph = {
+        m: {t for t in internal_edges(p, modules) if MODULES[t].name != "__init__.py"}
+        for m, p in MODULES.items()
+        if p.name != "__init__.py"
+    }
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph) or [])}"
 
 
 def test_import_exactgn_loads_neither_the_lab_nor_matplotlib():
-    code = ("import sys, exactgn; bad = [m for m in sys.modules if m.startswith(('exactgn.lab', 'matplotlib', "
-            "'pydantic', 'exactgn.cli'))]; print(bad); sys.exit(1 if bad else 0)")  # torch itself loads tqdm
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            cwd=PACKAGE.parent, timeout=120)
+    code = (
+        "import sys, exactgn; bad = [m for m in sys.modules if m.startswith(('exactgn.lab', 'matplotlib', "
+        "'pydantic', 'exactgn.cli'))]; print(bad); sys.exit(1 if bad else 0)"
+    )  # torch itself loads tqdm
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent, timeout=120
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -13,7 +13,9 @@ F64 = torch.float64
 def _wide(rng, rows=9, cols=20, rank=None):
     a = torch.randn(rows, cols, generator=rng, dtype=F64)
     if rank is not None:
-        a = torch.randn(rows, rank, generator=rng, dtype=F64) @ torch.randn(rank, cols, generator=rng, dtype=F64)
+        a = torch.randn(rows, rank, generator=rng, dtype=F64) @ torch.randn(
+            rank, cols, generator=rng, dtype=F64
+        )
     return a
 
 
@@ -71,9 +73,12 @@ def test_singular_gram_falls_back_with_a_warning(rng):
 
 @pytest.mark.parametrize("damping", [0.0, 0.5])
 def test_min_norm_solve_of_singular_normal_equations(rng, damping):
-    """``MᵀM c = MᵀR`` with a rank-deficient ``M`` is consistent, so a small residual says nothing about null-space
-    components; ``min_norm=True`` must return ``(MᵀM + λI)⁺MᵀR``, the minimum-norm solution. ``M = [x L, 1]`` with
-    two always-zero pixels in ``x`` is the column Gram route's own case (a rotated null space, on which a plain
+    """``MᵀM c = MᵀR`` with a rank-deficient ``M`` is consistent, so a small residual says nothing about
+    null-space
+    components; ``min_norm=True`` must return ``(MᵀM + λI)⁺MᵀR``, the minimum-norm solution. ``M = [x L, 1]``
+    with
+    two always-zero pixels in ``x`` is the column Gram route's own case (a rotated null space, on which a
+    plain
     Cholesky solve succeeded with wrong answers in about one draw in nine); 50 draws, of which about
     40 meet the conditioning precondition."""
     for _ in range(50):

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from conftest import random_model
 
 import exactgn
-from conftest import random_model
 
 F64 = torch.float64
 
@@ -17,7 +17,9 @@ F64 = torch.float64
 @pytest.mark.parametrize("blocks", [1, 2, 3])
 @pytest.mark.parametrize("bias", [True, False])
 def test_inverse_reconstructs_input(rng, hidden, blocks, bias):
-    model = random_model(rng, in_features=30, num_classes=4, num_blocks=blocks, hidden=hidden, bias=bias, init_std=0.5)
+    model = random_model(
+        rng, in_features=30, num_classes=4, num_blocks=blocks, hidden=hidden, bias=bias, init_std=0.5
+    )
     with torch.no_grad():  # biases are zero at init: give them values so that the inverse must undo them
         for p in model.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=rng, dtype=F64))
@@ -63,7 +65,9 @@ def test_seed_reproduces_the_model_and_dtype_does_not_change_the_draw():
     a, b = exactgn.RevMLP(20, 3, 2, 9, seed=5), exactgn.RevMLP(20, 3, 2, 9, seed=5)
     c = exactgn.RevMLP(20, 3, 2, 9, seed=6)
     d = exactgn.RevMLP(20, 3, 2, 9, seed=5, dtype=F64)
-    for (name, ta), tb, tc, td in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values(), d.state_dict().values()):
+    for (name, ta), tb, tc, td in zip(
+        a.state_dict().items(), b.state_dict().values(), c.state_dict().values(), d.state_dict().values()
+    ):
         assert torch.equal(ta, tb), name
         assert torch.allclose(ta.double(), td, rtol=1e-6, atol=1e-9), name
         if ta.abs().sum() > 0:

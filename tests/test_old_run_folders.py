@@ -20,9 +20,29 @@ from exactgn.lab.rundir import meta_value, read_meta, read_rows
 from exactgn.lab.train import train
 
 OLD_META_KEYS = (
-    "exactgn_version", "torch_version", "python_version", "device", "device_name", "hostname", "threads",
-    "start_time", "end_time", "status", "epochs_done", "global_step", "epochs", "name", "optimiser", "dataset",
-    "data_source", "train_size", "test_size", "batch_size", "steps_per_epoch", "message", "resumed",
+    "exactgn_version",
+    "torch_version",
+    "python_version",
+    "device",
+    "device_name",
+    "hostname",
+    "threads",
+    "start_time",
+    "end_time",
+    "status",
+    "epochs_done",
+    "global_step",
+    "epochs",
+    "name",
+    "optimiser",
+    "dataset",
+    "data_source",
+    "train_size",
+    "test_size",
+    "batch_size",
+    "steps_per_epoch",
+    "message",
+    "resumed",
     "wall_time_s",
 )
 TOML = """
@@ -50,7 +70,9 @@ def make_old_run_folder(run: Path) -> None:
     train(loads_config(TOML), run, progress=False)
     config = tomllib.loads((run / "config.toml").read_text())
     del config["optim"]["adamw"]
-    (run / "config.toml").write_text(dumps(config, header="Resolved configuration of this run (exactgn 0.1.0)."))
+    (run / "config.toml").write_text(
+        dumps(config, header="Resolved configuration of this run (exactgn 0.1.0).")
+    )
     meta = read_meta(run)
     old = {key: meta[key] for key in OLD_META_KEYS if key in meta}
     old["git_rev"] = "0123abc"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import flat, random_model
 
 import exactgn
-from conftest import flat, random_model
 from exactgn.errors import NonFiniteError
 
 F64 = torch.float64
@@ -66,7 +66,9 @@ def test_learning_rate_schedulers_drive_the_step(rng):
 
 def test_state_dict_round_trip(rng):
     model, x, y = _setup(rng)
-    opt = exactgn.GaussNewton(model, lr=0.2, inverse="pinv", rtol=1e-3, weight_decay=1e-4, solve_dtype="float64")
+    opt = exactgn.GaussNewton(
+        model, lr=0.2, inverse="pinv", rtol=1e-3, weight_decay=1e-4, solve_dtype="float64"
+    )
     opt.step(x, y)
     saved = opt.state_dict()
     clone = random_model(rng, in_features=24, num_classes=3, num_blocks=2, hidden=16)
@@ -167,8 +169,9 @@ def test_solve_dtype_may_be_a_torch_dtype_and_is_stored_by_name(rng):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_models_take_the_rounded_step(rng, dtype):
-    model = random_model(rng, in_features=24, num_classes=3, num_blocks=2, hidden=16, init_std=0.1,
-                         dtype=dtype)
+    model = random_model(
+        rng, in_features=24, num_classes=3, num_blocks=2, hidden=16, init_std=0.1, dtype=dtype
+    )
     x = torch.randn(6, 24, generator=rng)
     y = torch.randint(0, 3, (6,), generator=rng)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

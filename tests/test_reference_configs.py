@@ -2,19 +2,22 @@
 
 ``REFERENCE`` transcribes, for every reference-size experiment, the YAML file of mtkresearch/exact_GN_revNN at
 its final state, HEAD ``f7846fa`` (2025-02-06), whose config files are those of ``1b3307d`` (the commit it
-merges). An earlier commit of the same day, ``16768d1``, had other values (4 MNIST blocks, 12 CIFAR-10 blocks, CIFAR-10
+merges). An earlier commit of the same day, ``16768d1``, had other values (4 MNIST blocks, 12 CIFAR-10 blocks,
+CIFAR-10
 full batch with random-resized-crop and GN lr 0.5); nothing here comes from it. Three files are not stored at
 ``1b3307d`` in the index the values were read from; their HEAD values are inferred as ``evidence`` says.
 
 Besides the YAML, the reference's ``train.py`` and ``fastbreak`` fix what the files leave implicit: every
 weight starts ``N(0, 1e-3²)`` and every bias at 0; the training loader shuffles and keeps the last batch; the
 optimiser gets only ``lr`` and ``weight_decay`` (so SGD has no momentum and Adam has torch's defaults); the GN
-step (``train_ggn``) sets each parameter's ``.grad`` to its pseudo-inverse update and ``torch.optim.SGD`` applies
+step (``train_ggn``) sets each parameter's ``.grad`` to its pseudo-inverse update and ``torch.optim.SGD``
+applies
 it; only that step reads ``inv_method_args`` (rtol, atol).
 
 Twins (CPU-sized ``*-cpu`` files and the ``demo-*`` files) say in two header lines which reference file they
 derive from and what they change: ``# twin-of: SETTING/OPT`` and ``# twin-changes: KEY OLD -> NEW; ...``.
-Everything else must equal the reference file, except the GN learning rate, which follows :func:`exactgn_gn_lr`
+Everything else must equal the reference file, except the GN learning rate, which follows
+:func:`exactgn_gn_lr`
 at the twin's own ``L``.
 """
 
@@ -31,8 +34,8 @@ import torch
 from conftest import random_model
 
 import exactgn
-from exactgn.lab import config as C
 from exactgn.gn import compute_direction, jvp_logits
+from exactgn.lab import config as C
 from exactgn.lab.study import STUDIES_DIR, list_studies, load_study, run_config, study_kind
 from exactgn.lab.sweep import load_sweep, make_trials
 
@@ -46,8 +49,10 @@ def exactgn_gn_lr(reference_lr: float, blocks: int, loss: str = "cross_entropy")
     """exactgn's ``optim.lr`` for a reference GN rate, at ``blocks`` = L of the model actually run.
 
     The reference applies each block's full right-inverse update (no ``1/L``), so its step moves the logits by
-    ``lr·L·v``; exactgn's ``inverse = "right"`` includes the ``1/L`` (DESIGN §3a) and moves them by ``lr·v``: × L.
-    For MSE the reference's target is the gradient ``2(o − y)`` where exactgn's is ``H⁺g = o − y``: a further × 2.
+    ``lr·L·v``; exactgn's ``inverse = "right"`` includes the ``1/L`` (DESIGN §3a) and moves them by ``lr·v``:
+    × L.
+    For MSE the reference's target is the gradient ``2(o − y)`` where exactgn's is ``H⁺g = o − y``: a further
+    × 2.
     """
     if loss not in ("cross_entropy", "mse"):
         raise ValueError(f"loss must be 'cross_entropy' or 'mse', got {loss!r}")
@@ -64,7 +69,8 @@ def test_the_rule():
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
 def test_exactgn_step_moves_the_logits_by_v_so_the_rule_needs_the_factor_L(rng, loss):
     """The exactgn side of the rule, against brute force: with the 1/L, ``J·Δθ = v`` (not ``L·v``) at L = 3,
-    where ``v = p − y`` (cross-entropy, identity Hessian) or ``o − y`` (MSE), half the reference's ``2(o − y)``."""
+    where ``v = p − y`` (cross-entropy, identity Hessian) or ``o − y`` (MSE), half the reference's ``2(o −
+    y)``."""
     model = random_model(rng, in_features=16, num_classes=3, num_blocks=3, hidden=12)
     x = torch.randn(5, 16, generator=rng, dtype=torch.float64)
     y = torch.randint(0, 3, (5,), generator=rng)
@@ -87,7 +93,9 @@ class RefFile:
     dataset: str  # Setup.Data.name
     subset: int | None  # Data.subset: the first N training images; None = false (all)
     batch_size: int  # Data.batch_size (also the test loader's; batch_size_test is not read)
-    crop: tuple[tuple[float, float], tuple[float, float]] | None  # randomresizecrop (scale, ratio), size = image
+    crop: (
+        tuple[tuple[float, float], tuple[float, float]] | None
+    )  # randomresizecrop (scale, ratio), size = image
     train_ggn: bool  # Experiment.train_ggn: the GN step
     optimizer: str  # Runtime.Train.optimizer.name
     lr: float  # optimizer.args.lr
@@ -107,39 +115,84 @@ class RefFile:
 
 RRC = ((0.08, 1.0), (0.75, 1.33))
 AT_1B3307D = "1b3307d313d448f76b191e31869a9dc1af28c736"
-_SEEDS = ("the base file is stored only at 16768d1 (num_layers 4); 1b3307d's {name}-seed43.yaml and -seed44.yaml, "
-          "copies of it made by create_seed_variants.sh that differ only in the seed, have num_layers 2")
+_SEEDS = (
+    "the base file is stored only at 16768d1 (num_layers 4); 1b3307d's {name}-seed43.yaml and -seed44.yaml, "
+    "copies of it made by create_seed_variants.sh that differ only in the seed, have num_layers 2"
+)
 
 REFERENCE: dict[str, RefFile] = {
-    "mnist-fullbatch/gn": RefFile("train_mnist_FB_ggn.yaml", AT_1B3307D, "read", "mnist", 1024, 1024, None,
-                                  True, "sgd", 0.5, 2),
-    "mnist-fullbatch/adam": RefFile("train_mnist_FB_adam.yaml", AT_1B3307D, _SEEDS.format(name="train_mnist_FB_adam"),
-                                    "mnist", 1024, 1024, None, False, "adam", 1e-4, 2),
-    "mnist-fullbatch/sgd": RefFile("train_mnist_FB_sgd.yaml", AT_1B3307D, "read", "mnist", 1024, 1024, None,
-                                   False, "sgd", 0.1, 2),
-    "mnist-minibatch/gn": RefFile("train_mnist_ggn.yaml", AT_1B3307D, "read", "mnist", None, 1000, None,
-                                  True, "sgd", 0.1, 2),
-    "mnist-minibatch/adam": RefFile("train_mnist_adam.yaml", AT_1B3307D, "read", "mnist", None, 1024, None,
-                                    False, "adam", 1e-4, 2),
-    "mnist-minibatch/sgd": RefFile("train_mnist_sgd.yaml", AT_1B3307D, _SEEDS.format(name="train_mnist_sgd"),
-                                   "mnist", None, 1024, None, False, "sgd", 0.1, 2),
-    "cifar10-fullbatch/gn": RefFile("train_cifar_FB_ggn.yaml", AT_1B3307D, "read", "cifar", 1024, 1024, None,
-                                    True, "sgd", 1.0, 6),
-    "cifar10-fullbatch/adam": RefFile("train_cifar_FB_adam.yaml", AT_1B3307D, "read", "cifar", 1024, 1024, None,
-                                      False, "adam", 1e-5, 6),
-    "cifar10-fullbatch/sgd": RefFile("train_cifar_FB_sgd.yaml", AT_1B3307D, "read", "cifar", 1024, 1024, None,
-                                     False, "sgd", 0.01, 6),
-    "cifar10-minibatch/gn": RefFile("train_cifar_ggn.yaml", AT_1B3307D, "read", "cifar", None, 1000, None,
-                                    True, "sgd", 0.1, 6),
+    "mnist-fullbatch/gn": RefFile(
+        "train_mnist_FB_ggn.yaml", AT_1B3307D, "read", "mnist", 1024, 1024, None, True, "sgd", 0.5, 2
+    ),
+    "mnist-fullbatch/adam": RefFile(
+        "train_mnist_FB_adam.yaml",
+        AT_1B3307D,
+        _SEEDS.format(name="train_mnist_FB_adam"),
+        "mnist",
+        1024,
+        1024,
+        None,
+        False,
+        "adam",
+        1e-4,
+        2,
+    ),
+    "mnist-fullbatch/sgd": RefFile(
+        "train_mnist_FB_sgd.yaml", AT_1B3307D, "read", "mnist", 1024, 1024, None, False, "sgd", 0.1, 2
+    ),
+    "mnist-minibatch/gn": RefFile(
+        "train_mnist_ggn.yaml", AT_1B3307D, "read", "mnist", None, 1000, None, True, "sgd", 0.1, 2
+    ),
+    "mnist-minibatch/adam": RefFile(
+        "train_mnist_adam.yaml", AT_1B3307D, "read", "mnist", None, 1024, None, False, "adam", 1e-4, 2
+    ),
+    "mnist-minibatch/sgd": RefFile(
+        "train_mnist_sgd.yaml",
+        AT_1B3307D,
+        _SEEDS.format(name="train_mnist_sgd"),
+        "mnist",
+        None,
+        1024,
+        None,
+        False,
+        "sgd",
+        0.1,
+        2,
+    ),
+    "cifar10-fullbatch/gn": RefFile(
+        "train_cifar_FB_ggn.yaml", AT_1B3307D, "read", "cifar", 1024, 1024, None, True, "sgd", 1.0, 6
+    ),
+    "cifar10-fullbatch/adam": RefFile(
+        "train_cifar_FB_adam.yaml", AT_1B3307D, "read", "cifar", 1024, 1024, None, False, "adam", 1e-5, 6
+    ),
+    "cifar10-fullbatch/sgd": RefFile(
+        "train_cifar_FB_sgd.yaml", AT_1B3307D, "read", "cifar", 1024, 1024, None, False, "sgd", 0.01, 6
+    ),
+    "cifar10-minibatch/gn": RefFile(
+        "train_cifar_ggn.yaml", AT_1B3307D, "read", "cifar", None, 1000, None, True, "sgd", 0.1, 6
+    ),
     "cifar10-minibatch/adam": RefFile(
-        "train_cifar_adam.yaml", AT_1B3307D,
-        "inferred, not read: stored only at 16768d1 (num_layers 12, lr 1e-4, randomresizecrop), and so are its seed "
-        "variants; at 1b3307d every other CIFAR-10 file has num_layers 6 and the other mini-batch first-order file "
-        "(train_cifar_sgd.yaml) keeps randomresizecrop; the index also misses 1b3307d's train_cifar_sgd-seed43.yaml "
+        "train_cifar_adam.yaml",
+        AT_1B3307D,
+        "inferred, not read: stored only at 16768d1 (num_layers 12, lr 1e-4, randomresizecrop), and so are "
+        "its seed "
+        "variants; at 1b3307d every other CIFAR-10 file has num_layers 6 and the other mini-batch "
+        "first-order file "
+        "(train_cifar_sgd.yaml) keeps randomresizecrop; the index also misses 1b3307d's "
+        "train_cifar_sgd-seed43.yaml "
         "while its -seed44 is there with num_layers 6, so a 16768d1-only file is not evidence of no change",
-        "cifar", None, 1024, RRC, False, "adam", 1e-4, 6),
-    "cifar10-minibatch/sgd": RefFile("train_cifar_sgd.yaml", AT_1B3307D, "read", "cifar", None, 1024, RRC,
-                                     False, "sgd", 0.01, 6),
+        "cifar",
+        None,
+        1024,
+        RRC,
+        False,
+        "adam",
+        1e-4,
+        6,
+    ),
+    "cifar10-minibatch/sgd": RefFile(
+        "train_cifar_sgd.yaml", AT_1B3307D, "read", "cifar", None, 1024, RRC, False, "sgd", 0.01, 6
+    ),
 }
 
 # What the reference code fixes outside the YAML (train.py, fastbreak): see the module docstring.
@@ -150,26 +203,46 @@ DATASETS = {"mnist": "mnist", "cifar": "cifar10"}
 
 
 def expected(ref: RefFile, blocks: int | None = None) -> dict[str, Any]:
-    """The exactgn keys (dotted) of a reference file; the GN rate converted at ``blocks`` (default: the file's L)."""
+    """The exactgn keys (dotted) of a reference file; the GN rate converted at ``blocks`` (default: the file's
+    L)."""
     assert not ref.layer_norm and ref.non_linearity, "exactgn's RevMLP has no layer norm and always uses ReLU"
     name = "gn" if ref.train_ggn else ref.optimizer
     blocks = blocks or ref.num_layers
     out: dict[str, Any] = {
         "seed": ref.seed,
-        "data.dataset": DATASETS[ref.dataset], "data.train_size": ref.subset or 0, "data.subset": "first",
-        "data.test_size": 0, "data.augment": ref.crop is not None,
-        "model.blocks": ref.num_layers, "model.hidden": ref.hidden_dim, "model.bottleneck": True,
-        "model.bias": ref.bias, "model.init_std": INIT_STD, "model.dtype": "float32",
-        "optim.name": name, "optim.weight_decay": ref.weight_decay,
+        "data.dataset": DATASETS[ref.dataset],
+        "data.train_size": ref.subset or 0,
+        "data.subset": "first",
+        "data.test_size": 0,
+        "data.augment": ref.crop is not None,
+        "model.blocks": ref.num_layers,
+        "model.hidden": ref.hidden_dim,
+        "model.bottleneck": True,
+        "model.bias": ref.bias,
+        "model.init_std": INIT_STD,
+        "model.dtype": "float32",
+        "optim.name": name,
+        "optim.weight_decay": ref.weight_decay,
         "optim.lr": exactgn_gn_lr(ref.lr, blocks, ref.loss) if ref.train_ggn else ref.lr,
-        "train.epochs": ref.num_epochs, "train.shuffle": True, "train.drop_last": False, "train.loss": ref.loss,
+        "train.epochs": ref.num_epochs,
+        "train.shuffle": True,
+        "train.drop_last": False,
+        "train.loss": ref.loss,
     }
     if ref.crop:  # without augmentation the crop keys keep their defaults
         out.update({"data.crop_scale": list(ref.crop[0]), "data.crop_ratio": list(ref.crop[1])})
     if ref.train_ggn:  # the reference applies the GN update with plain SGD (no momentum)
-        out.update({"optim.gn.inverse": "right", "optim.gn.hessian": "identity" if ref.use_identity else "exact",
-                    "optim.gn.rtol": ref.rtol, "optim.gn.atol": ref.atol, "optim.gn.damping": 0.0,
-                    "optim.gn.noise": 0.0, "optim.gn.least_squares": False})
+        out.update(
+            {
+                "optim.gn.inverse": "right",
+                "optim.gn.hessian": "identity" if ref.use_identity else "exact",
+                "optim.gn.rtol": ref.rtol,
+                "optim.gn.atol": ref.atol,
+                "optim.gn.damping": 0.0,
+                "optim.gn.noise": 0.0,
+                "optim.gn.least_squares": False,
+            }
+        )
     elif ref.optimizer == "sgd":
         out.update({"optim.sgd.momentum": 0.0, "optim.sgd.nesterov": False})
     else:
@@ -208,7 +281,9 @@ def _mismatches(flat: dict[str, Any], want: dict[str, Any]) -> list[str]:
 
 
 def reference_size_names() -> list[str]:
-    return [n for n in C.list_experiments() if not n.split("/")[0].endswith("-cpu") and not n.startswith("demo-")]
+    return [
+        n for n in C.list_experiments() if not n.split("/")[0].endswith("-cpu") and not n.startswith("demo-")
+    ]
 
 
 def test_the_table_covers_every_reference_size_file():
@@ -253,7 +328,8 @@ def _toml_value(text: str) -> Any:
 
 
 def read_twin(name: str) -> Twin:
-    """A twin's declaration from its header: ``# twin-of: S/O`` and ``# twin-changes: K OLD -> NEW; ...`` lines."""
+    """A twin's declaration from its header: ``# twin-of: S/O`` and ``# twin-changes: K OLD -> NEW; ...``
+    lines."""
     lines = C.find_config(name).read_text(encoding="utf-8").splitlines()
     of = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("# twin-of:")]
     changed = [ln.split(":", 1)[1] for ln in lines if ln.startswith("# twin-changes:")]
@@ -281,7 +357,9 @@ def test_twin_is_its_reference_file_except_what_it_declares(name):
     assert twin.of in REFERENCE and twin.of.split("/")[1] == name.split("/")[1]
     ref_flat, flat = flat_config(twin.of), flat_config(name)
     for key, (old, new) in twin.changes.items():
-        assert key not in BOOKKEEPING | {"optim.lr"}, f"{name}: {key} is not declared (the rule sets the rate)"
+        assert key not in BOOKKEEPING | {"optim.lr"}, (
+            f"{name}: {key} is not declared (the rule sets the rate)"
+        )
         assert old != new and (ref_flat[key], flat[key]) == (old, new), f"{name}: {key}"
     want = expected(REFERENCE[twin.of], blocks=flat["model.blocks"])
     want.update({key: new for key, (_, new) in twin.changes.items()})
@@ -295,7 +373,10 @@ def test_twin_states_its_gn_rate_at_its_own_L(name):
     ref = REFERENCE[twin.of]
     text = C.find_config(name).read_text(encoding="utf-8")
     lr = exactgn_gn_lr(ref.lr, cfg.model.blocks, ref.loss)
-    assert f"{ref.lr:g} × L = {ref.lr:g} × {cfg.model.blocks} = {lr:g}" in text and cfg.optim.lr == pytest.approx(lr)
+    assert (
+        f"{ref.lr:g} × L = {ref.lr:g} × {cfg.model.blocks} = {lr:g}" in text
+        and cfg.optim.lr == pytest.approx(lr)
+    )
 
 
 def test_a_twin_declaration_that_lies_is_caught(tmp_path, monkeypatch):
@@ -307,16 +388,19 @@ def test_a_twin_declaration_that_lies_is_caught(tmp_path, monkeypatch):
     twin = tmp_path / "mnist-fullbatch-cpu" / "gn.toml"
     src = twin.read_text(encoding="utf-8")
     test_twin_is_its_reference_file_except_what_it_declares("mnist-fullbatch-cpu/gn")  # the copy passes
-    for bad, complaint in ((src.replace("init_std = 1e-3", "init_std = 1e-2"), "model.init_std"),
-                           (src.replace("model.hidden 8000 -> 1024", "model.hidden 4000 -> 1024"), "model.hidden"),
-                           (src.replace("lr = 1.0", "lr = 0.5"), "optim.lr")):
+    for bad, complaint in (
+        (src.replace("init_std = 1e-3", "init_std = 1e-2"), "model.init_std"),
+        (src.replace("model.hidden 8000 -> 1024", "model.hidden 4000 -> 1024"), "model.hidden"),
+        (src.replace("lr = 1.0", "lr = 0.5"), "optim.lr"),
+    ):
         assert bad != src
         twin.write_text(bad, encoding="utf-8")
         with pytest.raises(AssertionError, match=complaint):
             test_twin_is_its_reference_file_except_what_it_declares("mnist-fullbatch-cpu/gn")
 
 
-# ---------------------------------------------------------------------------- studies: one rate per reference file
+# ---------------------------------------------------------------------------- studies: one rate per reference
+# file
 def _reference_of(config: Path) -> str:
     name = config.resolve().relative_to(C.EXPERIMENTS_DIR.resolve()).with_suffix("").as_posix()
     return name if name in REFERENCE else read_twin(name).of
@@ -350,25 +434,38 @@ def study_gn_runs() -> list[tuple[str, str, C.RunConfig]]:
 
 def test_every_gn_file_and_study_run_converts_its_reference_rate_at_its_own_L():
     """All twins, reference files and study runs agree: lr / (L · MSE factor) is the reference file's rate."""
-    rows = [(n, REFERENCE[n] if n in REFERENCE else REFERENCE[read_twin(n).of], C.load_config(n))
-            for n in C.list_experiments() if n.endswith("/gn")]
+    rows = [
+        (n, REFERENCE[n] if n in REFERENCE else REFERENCE[read_twin(n).of], C.load_config(n))
+        for n in C.list_experiments()
+        if n.endswith("/gn")
+    ]
     rows += [(study, REFERENCE[ref], cfg) for study, ref, cfg in study_gn_runs()]
     assert len(rows) > 40
-    wrong = [f"{where}: lr {cfg.optim.lr} at L = {cfg.model.blocks}, expected {exactgn_gn_lr(ref.lr, cfg.model.blocks)}"
-             for where, ref, cfg in rows
-             if not math.isclose(cfg.optim.lr, exactgn_gn_lr(ref.lr, cfg.model.blocks, cfg.train.loss), rel_tol=1e-12)]
+    wrong = [
+        f"{where}: lr {cfg.optim.lr} at L = {cfg.model.blocks}, expected "
+        f"{exactgn_gn_lr(ref.lr, cfg.model.blocks)}"
+        for where, ref, cfg in rows
+        if not math.isclose(
+            cfg.optim.lr, exactgn_gn_lr(ref.lr, cfg.model.blocks, cfg.train.loss), rel_tol=1e-12
+        )
+    ]
     assert wrong == []
 
 
 def test_no_shipped_file_uses_mse():
-    """The MSE factor 2 of the rule is never needed by a shipped file (if one appears, its header must state it)."""
+    """The MSE factor 2 of the rule is never needed by a shipped file (if one appears, its header must state
+    it)."""
     assert all(C.load_config(n).train.loss == "cross_entropy" for n in C.list_experiments())
     assert all(cfg.train.loss == "cross_entropy" for _, _, cfg in study_gn_runs())
 
 
 def test_cpu_studies_mirror_their_reference_size_study():
     """``X-cpu`` next to ``X`` runs the same runs (or sweeps the same values) on the twins of X's configs."""
-    pairs = [(s, s[: -len("-cpu")]) for s in list_studies() if s.endswith("-cpu") and s[: -len("-cpu")] in list_studies()]
+    pairs = [
+        (s, s[: -len("-cpu")])
+        for s in list_studies()
+        if s.endswith("-cpu") and s[: -len("-cpu")] in list_studies()
+    ]
     assert len(pairs) >= 7
     for cpu, big in pairs:
         kind = study_kind(STUDIES_DIR / f"{big}.toml")
@@ -390,7 +487,8 @@ def _name(config: Path) -> str:
 
 
 def test_exactgn_model_has_the_reference_structure():
-    """What the table's layer_norm / non_linearity fields assume: identity first block, ReLU after, no norm."""
+    """What the table's layer_norm / non_linearity fields assume: identity first block, ReLU after, no
+    norm."""
     model = exactgn.RevMLP(4, 2, 3, 3)
     assert [b.f.activation for b in model.blocks] == ["identity", "relu", "relu"]
     assert [b.g.activation for b in model.blocks] == ["identity", "relu", "relu"]

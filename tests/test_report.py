@@ -1,4 +1,5 @@
-"""``exactgn report`` and ``exactgn diagnose`` on genuine tiny training runs, and the report's error messages."""
+"""``exactgn report`` and ``exactgn diagnose`` on genuine tiny training runs, and the report's error
+messages."""
 
 from __future__ import annotations
 
@@ -9,12 +10,11 @@ import re
 import shutil
 
 import pytest
+from conftest import TINY_RUNS
 
+from exactgn.cli import main as cli_main
 from exactgn.lab import diagnostics as dg
 from exactgn.lab import report as rp
-from exactgn.cli import main as cli_main
-
-from conftest import TINY_RUNS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -31,7 +31,8 @@ def test_report_from_real_runs(tiny_runs, tmp_path, capsys):
     assert page_path.is_file() and page_path.stat().st_size > 0
     page = page_path.read_text(encoding="utf-8")
     pngs = sorted(out.glob("*.png"))
-    # Two settings (full-batch, mini-batch), each with curves, loss change, NTK, CKA and weights; plus CKA between runs.
+    # Two settings (full-batch, mini-batch), each with curves, loss change, NTK, CKA and weights; plus CKA
+    # between runs.
     names = {p.name for p in pngs}
     for kind in ("curves", "loss-change", "ntk", "cka", "weights"):
         assert sum(n.startswith(f"{kind}-mnist-small-") for n in names) == 2, (kind, names)
@@ -84,11 +85,19 @@ def test_gn_keys_label_gn_series_only(tiny_runs, tmp_path):
     runs = [rp.load_run(p) for p in rp.find_runs([folder])]
     full = next(p for p in rp.group_runs(runs) if p.setting.startswith("full-batch"))
     labels = sorted(s.label for s in full.series)
-    assert labels == ["adam (lr=0.001)", "gn (inverse=pinv, lr=0.5)", "gn (inverse=right, lr=0.5)"]  # Adam carries GN's defaults, not its label
+    assert labels == [
+        "adam (lr=0.001)",
+        "gn (inverse=pinv, lr=0.5)",
+        "gn (inverse=right, lr=0.5)",
+    ]  # Adam carries GN's defaults, not its label
 
 
 def test_aggregate_seeds_hand_built():
-    rows = [[{"epoch": 0, "x": 1.0}, {"epoch": 1, "x": 4.0}], [{"epoch": 0, "x": 3.0}], [{"epoch": 0, "x": math.nan}]]
+    rows = [
+        [{"epoch": 0, "x": 1.0}, {"epoch": 1, "x": 4.0}],
+        [{"epoch": 0, "x": 3.0}],
+        [{"epoch": 0, "x": math.nan}],
+    ]
     xs, mean, lo, hi = rp.aggregate_seeds(rows, "x", "minmax")
     assert (xs, mean, lo, hi) == ([0.0, 1.0], [2.0, 4.0], [1.0, 4.0], [3.0, 4.0])
     xs, mean, lo, hi = rp.aggregate_seeds(rows, "x", "std")
@@ -97,7 +106,8 @@ def test_aggregate_seeds_hand_built():
 
 
 def test_training_records_equal_diagnose_from_checkpoints(tiny_runs, tmp_path):
-    """Recorded during training and recomputed by ``exactgn diagnose`` from the checkpoints: the same numbers."""
+    """Recorded during training and recomputed by ``exactgn diagnose`` from the checkpoints: the same
+    numbers."""
     run = tiny_runs / "gn-full-s1"
     recorded = dg.read_diagnostics(run / "diagnostics.jsonl")
     assert [r["epoch"] for r in recorded] == [0, 1, 2]
@@ -141,10 +151,10 @@ def test_report_errors(tiny_runs, tmp_path, capsys):
 def test_training_diagnostics_survive_a_resume(tmp_path):
     """A resumed run rebuilds the initial model from its config: its records equal an uninterrupted run's (the
     first record after the resume has no ntk_rate, whose previous kernel was in the stopped process)."""
+    from conftest import TINY_RUN_TOML
+
     from exactgn.lab.config import loads_config
     from exactgn.lab.train import train
-
-    from conftest import TINY_RUN_TOML
 
     cfg = loads_config(TINY_RUN_TOML)
     common = ["optim.name='gn'", "optim.lr=0.5", "train.batch_size=0", "diagnostics.every=1"]
@@ -168,7 +178,7 @@ def test_report_has_the_matched_loss_table(tiny_runs, tmp_path):
     assert cli_main(["report", str(tiny_runs), "--out", str(out), "--matched-loss", repr(target)]) == 0
     page = (out / "index.html").read_text()
     assert f"Diagnostics at matched training loss (first record with train loss &le; {target:g})" in page
-    section = page[page.index("Diagnostics at matched training loss"):page.index("<h2>Figures</h2>")]
+    section = page[page.index("Diagnostics at matched training loss") : page.index("<h2>Figures</h2>")]
     assert "adam-full-s0</td><td>adam</td><td>0</td><td>epoch 1 (loss" in section
     assert "gn-full-s0</td><td>jflat</td><td>0</td><td>epoch 2 (loss" in section
     assert "gn-full-s1</td><td>jflat</td><td>1</td><td>not reached (lowest" in section

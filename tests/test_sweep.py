@@ -33,16 +33,22 @@ def _write(tmp_path: Path, text: str, name: str = "sweep.toml") -> Path:
 
 
 def test_grid_trials_are_the_cartesian_product(tmp_path):
-    spec = load_sweep(_write(tmp_path, TINY.format(extra="") + '[grid]\nseed = [0, 1, 2]\n"optim.lr" = [0.1, 0.2]\n'))
+    spec = load_sweep(
+        _write(tmp_path, TINY.format(extra="") + '[grid]\nseed = [0, 1, 2]\n"optim.lr" = [0.1, 0.2]\n')
+    )
     trials = make_trials(spec)
     assert [t.name for t in trials] == [f"trial-{i:03d}" for i in range(6)]
-    assert [t.overrides for t in trials][:3] == [{"seed": 0, "optim.lr": 0.1}, {"seed": 0, "optim.lr": 0.2},
-                                                 {"seed": 1, "optim.lr": 0.1}]
+    assert [t.overrides for t in trials][:3] == [
+        {"seed": 0, "optim.lr": 0.1},
+        {"seed": 0, "optim.lr": 0.2},
+        {"seed": 1, "optim.lr": 0.1},
+    ]
 
 
 def test_random_trials_are_seeded_and_inside_their_ranges(tmp_path):
-    text = (TINY.format(extra='method = "random"\nsamples = 5\nseed = 3') +
-        '[grid]\nseed = [0, 1]\n[random]\n"optim.gn.damping" = { log_uniform = [1e-4, 1e-1] }\n'
+    text = (
+        TINY.format(extra='method = "random"\nsamples = 5\nseed = 3')
+        + '[grid]\nseed = [0, 1]\n[random]\n"optim.gn.damping" = { log_uniform = [1e-4, 1e-1] }\n'
         '"optim.gn.inverse" = { choice = ["right", "pinv"] }\n"train.epochs" = { int_uniform = [1, 3] }\n'
     ).replace('"train.epochs" = 2\n', "")
     spec = load_sweep(_write(tmp_path, text))
@@ -63,8 +69,8 @@ def test_random_trials_are_seeded_and_inside_their_ranges(tmp_path):
         ('[grid]\n"optim.lr" = ["fast"]\n', "optim.lr"),
         ('[random]\n"optim.lr" = { uniform = [0, 1] }\n', "needs method"),
         ('[random]\n"optim.lr" = { gaussian = [0, 1] }\n', r"random\.optim\.lr: must be one of"),
-        ('[resources]\ncpus_per_trial = 0\n', "cpus_per_trial"),
-        ('[resources]\ngpu = 1\n', "unknown key"),
+        ("[resources]\ncpus_per_trial = 0\n", "cpus_per_trial"),
+        ("[resources]\ngpu = 1\n", "unknown key"),
         ('[grid]\n"train.epochs" = [1, 2]\n', "more than one of"),
     ],
 )
@@ -74,7 +80,9 @@ def test_bad_sweep_files_name_the_key(tmp_path, extra, message):
     with pytest.raises(ConfigError, match="unknown key"):
         load_sweep(_write(tmp_path, TINY.format(extra="bakend = 'ray'"), "typo.toml"))
     with pytest.raises(ConfigError, match="base"):
-        load_sweep(_write(tmp_path, TINY.format(extra="").replace("demo-minibatch/gn", "no-such/gn"), "base.toml"))
+        load_sweep(
+            _write(tmp_path, TINY.format(extra="").replace("demo-minibatch/gn", "no-such/gn"), "base.toml")
+        )
 
 
 def _comparable(run_dir: Path) -> tuple[list[dict], dict]:
@@ -88,13 +96,21 @@ def _comparable(run_dir: Path) -> tuple[list[dict], dict]:
 @pytest.mark.slow
 def test_ray_and_sequential_sweeps_give_the_same_runs(tmp_path):
     import ray  # noqa: F401  (the ray extra is installed by .ci/run; a missing ray must fail, not skip)
+
     path = _write(tmp_path, TINY.format(extra="") + "[grid]\nseed = [0, 1]\n")
     seq = run_sweep(path, tmp_path / "seq", backend="sequential", progress=False)
     ray_out = run_sweep(path, tmp_path / "ray", backend="ray", progress=False)
+
     def files(run: Path) -> list[str]:
-        # TensorBoard event files are named by time, host and process id: compare their folder, not their names.
-        return sorted(p.parent.relative_to(run).as_posix() + "/<events>" if p.name.startswith("events.out")
-                      else p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file())
+        # TensorBoard event files are named by time, host and process id: compare their folder, not their
+        # names.
+        return sorted(
+            p.parent.relative_to(run).as_posix() + "/<events>"
+            if p.name.startswith("events.out")
+            else p.relative_to(run).as_posix()
+            for p in run.rglob("*")
+            if p.is_file()
+        )
 
     for name in ("trial-000", "trial-001"):
         assert files(seq / name) == files(ray_out / name)
@@ -106,7 +122,9 @@ def test_ray_and_sequential_sweeps_give_the_same_runs(tmp_path):
     seeds_differ = _comparable(seq / "trial-000")[0] != _comparable(seq / "trial-001")[0]
     assert seeds_differ
     with open(seq / "results.csv") as a, open(ray_out / "results.csv") as b:
-        strip = lambda rows: [{k: v for k, v in r.items() if k not in ("wall_time_s", "run_dir")} for r in rows]  # noqa: E731
+        strip = lambda rows: [
+            {k: v for k, v in r.items() if k not in ("wall_time_s", "run_dir")} for r in rows
+        ]  # noqa: E731
         assert strip(list(csv.DictReader(a))) == strip(list(csv.DictReader(b)))
 
 

@@ -1,4 +1,5 @@
-"""The training loop: logs as the run-folder contract says, determinism, resume, Ctrl-C, divergence, the CLI."""
+"""The training loop: logs as the run-folder contract says, determinism, resume, Ctrl-C, divergence, the
+CLI."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import data_root
-from exactgn.lab import train as T
-from exactgn.lab.steppers import build_model
-from exactgn.lab.checkpoint import load_checkpoint
+
 from exactgn.cli import main as cli_main
+from exactgn.lab import train as T
+from exactgn.lab.checkpoint import load_checkpoint
 from exactgn.lab.config import ConfigError, load_config, loads_config, to_dict
 from exactgn.lab.rundir import EPOCH_FIELDS, STEP_FIELDS, read_jsonl, read_meta, read_rows
+from exactgn.lab.steppers import build_model
 
 TINY = """
 name = "tiny"
@@ -63,7 +64,15 @@ def test_run_folder_follows_the_contract(tmp_path):
     run = T.train(cfg, tmp_path / "run", progress=False)
     meta = read_meta(run)
     assert meta["status"] == "finished" and meta["epochs_done"] == 2 and meta["global_step"] == 6
-    for key in ("exactgn_version", "git_revision", "torch_version", "device", "hostname", "start_time", "end_time"):
+    for key in (
+        "exactgn_version",
+        "git_revision",
+        "torch_version",
+        "device",
+        "hostname",
+        "start_time",
+        "end_time",
+    ):
         assert key in meta
     assert to_dict(load_config(run / "config.toml")) == to_dict(cfg)  # the resolved config reproduces the run
     steps = read_rows(run / "steps.csv")
@@ -71,17 +80,27 @@ def test_run_folder_follows_the_contract(tmp_path):
     assert [r["batch_size"] for r in steps[:3]] == [128, 128, 44]
     assert [(r["epoch"], r["step"], r["global_step"]) for r in steps[2:4]] == [(1, 3, 3), (2, 1, 4)]
     for r in steps:
-        assert r["loss_change_pct"] == pytest.approx(100 * (r["loss_after"] - r["loss"]) / r["loss"], rel=1e-9)
+        assert r["loss_change_pct"] == pytest.approx(
+            100 * (r["loss_after"] - r["loss"]) / r["loss"], rel=1e-9
+        )
         assert 0 <= r["accuracy"] <= 1 and r["lr"] == 0.2 and r["step_time_s"] > 0
     epochs = read_rows(run / "epochs.csv")
-    assert list(epochs[0])[: len(EPOCH_FIELDS)] == list(EPOCH_FIELDS) and [r["epoch"] for r in epochs] == [0, 1, 2]
+    assert list(epochs[0])[: len(EPOCH_FIELDS)] == list(EPOCH_FIELDS) and [r["epoch"] for r in epochs] == [
+        0,
+        1,
+        2,
+    ]
     assert epochs[0]["mean_loss_change_pct"] is None and epochs[0]["epoch_time_s"] == 0
-    assert epochs[1]["mean_loss_change_pct"] == pytest.approx(sum(r["loss_change_pct"] for r in steps[:3]) / 3)
+    assert epochs[1]["mean_loss_change_pct"] == pytest.approx(
+        sum(r["loss_change_pct"] for r in steps[:3]) / 3
+    )
     assert epochs[2]["train_loss"] < epochs[0]["train_loss"]
     assert epochs[2]["wall_time_s"] > epochs[1]["wall_time_s"] > 0
     # JSON lines hold the same rows.
     assert [r["loss"] for r in read_jsonl(run / "steps.jsonl")] == [r["loss"] for r in steps]
-    assert [r["test_accuracy"] for r in read_jsonl(run / "epochs.jsonl")] == [r["test_accuracy"] for r in epochs]
+    assert [r["test_accuracy"] for r in read_jsonl(run / "epochs.jsonl")] == [
+        r["test_accuracy"] for r in epochs
+    ]
     check_checkpoints(run, cfg)
 
 
@@ -142,7 +161,8 @@ def default_sigint():
 
 
 def _interrupt_at(monkeypatch, global_step: int, *, hard: bool = False) -> None:
-    """Make the ``global_step``-th step send SIGINT to this process (a real Ctrl-C), or raise KeyboardInterrupt
+    """Make the ``global_step``-th step send SIGINT to this process (a real Ctrl-C), or raise
+    KeyboardInterrupt
     from inside the step (``hard``: as a second Ctrl-C would)."""
     original = T._Run._take_step
     count = {"n": 0}
@@ -177,11 +197,14 @@ def test_ctrl_c_mid_epoch_then_resume_is_bit_identical(tmp_path, monkeypatch, op
     assert read_meta(part)["status"] == "finished" and len(read_meta(part)["resumed"]) == 1
     assert same_weights(whole, part)
     assert losses(whole) == losses(part)
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("time_s")} for r in rows]  # noqa: E731
+    # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("time_s")} for r in rows]
     assert strip(read_rows(whole / "epochs.csv")) == strip(read_rows(part / "epochs.csv"))
 
 
-def test_hard_interrupt_keeps_the_last_checkpoint_and_resumes_identically(tmp_path, monkeypatch, default_sigint):
+def test_hard_interrupt_keeps_the_last_checkpoint_and_resumes_identically(
+    tmp_path, monkeypatch, default_sigint
+):
     cfg = tiny("gn", epochs=3, overrides=["train.checkpoint_every=2"])
     whole = T.train(cfg, tmp_path / "whole", progress=False)
     with monkeypatch.context() as m:
@@ -248,9 +271,16 @@ def test_a_diverging_run_stops_cleanly_and_keeps_its_last_good_checkpoint(tmp_pa
 
 
 def test_gn_batch_above_the_rank_bound_is_refused_up_front(tmp_path):
-    cfg = loads_config(TINY.format(opt="gn", lr=0.2, epochs=1), ["optim.gn.rtol=0.0", "optim.gn.atol=0.0",
-                                                                  "data.train_size=500", "train.batch_size=0",
-                                                                  "model.hidden=600"])
+    cfg = loads_config(
+        TINY.format(opt="gn", lr=0.2, epochs=1),
+        [
+            "optim.gn.rtol=0.0",
+            "optim.gn.atol=0.0",
+            "data.train_size=500",
+            "train.batch_size=0",
+            "model.hidden=600",
+        ],
+    )
     with pytest.raises(ConfigError, match=r"batches of 500 .*batch <= 393.*optim.gn.least_squares = true"):
         T.train(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()  # nothing is created for a refused config
@@ -264,7 +294,10 @@ def test_full_batch_gn_fits_real_mnist_in_three_steps(tmp_path, inverse):
     the targets, and a few steps cut the training loss by at least 99%."""
     root = data_root()
     if root is None or not (root / "MNIST" / "raw").is_dir():
-        pytest.fail("the real MNIST files are needed: set EXACTGN_DATA to the folder holding MNIST/raw/ (CI: ../shared/data)")
+        pytest.fail(
+            "the real MNIST files are needed: set EXACTGN_DATA to the folder holding MNIST/raw/ (CI: "
+            "../shared/data)"
+        )
     cfg = loads_config(f"""
 name = "fit"
 [data]
@@ -306,7 +339,9 @@ def _tiny_setting(folder: Path) -> Path:
 def test_cli_train_and_errors(tmp_path, capsys):
     cfg = tmp_path / "c.toml"
     cfg.write_text(TINY.format(opt="adam", lr=1e-3, epochs=1))
-    assert cli_main(["train", str(cfg), "--out", str(tmp_path / "r"), "--set", "train.epochs=2", "--quiet"]) == 0
+    assert (
+        cli_main(["train", str(cfg), "--out", str(tmp_path / "r"), "--set", "train.epochs=2", "--quiet"]) == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("finished: ") and "2 epochs, 6 steps" in out
     assert read_meta(tmp_path / "r")["epochs_done"] == 2
@@ -319,7 +354,10 @@ def test_cli_train_and_errors(tmp_path, capsys):
         (["train"], "a CONFIG is needed"),
         (["train", str(cfg), "--resume", str(tmp_path / "r")], "not both"),
         (["train", str(cfg), "--out", str(tmp_path / "r")], "already exists and is not empty"),
-        (["train", "mnist-fullbatch-cpu/gn", "--data-root", str(tmp_path / "nothing")], "missing train-images-idx3-ubyte.gz"),
+        (
+            ["train", "mnist-fullbatch-cpu/gn", "--data-root", str(tmp_path / "nothing")],
+            "missing train-images-idx3-ubyte.gz",
+        ),
     ):
         assert cli_main(argv) == 2
         err = capsys.readouterr().err.strip()
@@ -348,7 +386,9 @@ def test_cli_compare_writes_the_table(tmp_path, capsys):
     (out / "comparison.md").unlink()
     mtime = (out / "gn" / "meta.json").stat().st_mtime_ns
     assert cli_main(["compare", str(setting), "--resume", str(out), "--quiet"]) == 0
-    assert (out / "gn" / "meta.json").stat().st_mtime_ns == mtime and read_meta(out / "sgd")["status"] == "finished"
+    assert (out / "gn" / "meta.json").stat().st_mtime_ns == mtime and read_meta(out / "sgd")[
+        "status"
+    ] == "finished"
     capsys.readouterr()
     assert cli_main(["compare", "no-such-setting"]) == 2
     assert "shipped: " in capsys.readouterr().err
@@ -368,9 +408,11 @@ def test_cli_demo_runs_on_the_bundled_data(tmp_path, capsys):
 
 
 def test_help_explains_each_command(capsys):
-    for command, words in (("train", ["--resume", "--set", "mnist-fullbatch/gn", "Ctrl-C"]),
-                           ("compare", ["gn.toml", "comparison.md", "mnist-fullbatch-cpu"]),
-                           ("demo", ["bundled", "minutes"])):
+    for command, words in (
+        ("train", ["--resume", "--set", "mnist-fullbatch/gn", "Ctrl-C"]),
+        ("compare", ["gn.toml", "comparison.md", "mnist-fullbatch-cpu"]),
+        ("demo", ["bundled", "minutes"]),
+    ):
         with pytest.raises(SystemExit):
             cli_main([command, "--help"])
         text = capsys.readouterr().out

@@ -74,22 +74,40 @@ def step_flops(features: int, hidden: int | None, blocks: int, batch: int, class
     jvp = proj + 2 * B * w * n
     row_solve = gram + B**3 / 3 + 4 * B * B * n + param_step  # Gram, Cholesky, solve + residual, ΔΘ
     # Half-layers whose batch exceeds their rank bound take the column route (see gn._column_step).
-    bounds = [(activation_rank_bound(n, w, "identity" if l == 0 else "relu", True), l == 0)
-              for l in range(L) for _ in (0, 1)]
+    bounds = [
+        (activation_rank_bound(n, w, "identity" if l == 0 else "relu", True), l == 0)
+        for l in range(L)
+        for _ in (0, 1)
+    ]
     right_solves = 0.0
     for c, identity in bounds:
         if B <= c:
             right_solves += row_solve
         else:
             factored = identity and hidden is not None and w > n
-            right_solves += (2 * B * n * n if factored else 0) + 2 * B * c * c + 2 * B * c * n + c**3 / 3 \
-                + 2 * c * c * n + (2 * n * n * w if factored else 0)
+            right_solves += (
+                (2 * B * n * n if factored else 0)
+                + 2 * B * c * c
+                + 2 * B * c * n
+                + c**3 / 3
+                + 2 * c * c * n
+                + (2 * n * n * w if factored else 0)
+            )
     right = forward + right_solves + (hl - 1) * jvp + 2 * B * k * features
     vjp = k * jvp
     mmt = (hl - 1) * 2 * (B * k) ** 2 * n * tri
     size = B * k
     shortcut = (k * B - k) * 2 * w * n  # the last half-layer's cotangent is the same for every sample
-    pinv = forward + (hl - 1) * vjp - shortcut + hl * gram + mmt + size**3 / 3 + 2 * size**2 + hl * (param_step + 2 * k * B * n)
+    pinv = (
+        forward
+        + (hl - 1) * vjp
+        - shortcut
+        + hl * gram
+        + mmt
+        + size**3 / 3
+        + 2 * size**2
+        + hl * (param_step + 2 * k * B * n)
+    )
     return {"forward": forward, "adam_step": adam, "gn_right_step": right, "gn_pinv_step": pinv}
 
 
@@ -98,7 +116,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> tuple[float, list[float], int | None]:
+def _time(
+    fn: Callable[[], object], device: torch.device, repeats: int, warmup: int
+) -> tuple[float, list[float], int | None]:
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -130,8 +150,17 @@ def _cpu_info() -> dict[str, object]:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         out = ""
-    wanted = ("Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket", "Socket(s)", "CPU max MHz",
-              "Hypervisor vendor", "L2 cache", "L3 cache")
+    wanted = (
+        "Model name",
+        "CPU(s)",
+        "Thread(s) per core",
+        "Core(s) per socket",
+        "Socket(s)",
+        "CPU max MHz",
+        "Hypervisor vendor",
+        "L2 cache",
+        "L3 cache",
+    )
     fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
     info["lscpu"] = {k: fields[k].strip() for k in wanted if k in fields}
     if hasattr(os, "getloadavg"):
@@ -143,7 +172,9 @@ def _cpu_info() -> dict[str, object]:
 def _environment(device: torch.device) -> dict[str, object]:
     """Where the benchmark ran: the provenance keys every exactgn writer uses, the processor and the CPU."""
     env: dict[str, object] = {
-        **provenance(device), "processor": platform.processor() or platform.machine(), **_cpu_info(),
+        **provenance(device),
+        "processor": platform.processor() or platform.machine(),
+        **_cpu_info(),
     }
     if device.type != "cuda" and "cpu_model" in env:
         env["device_name"] = env["cpu_model"]
@@ -163,7 +194,9 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, object]:
     y = torch.randint(0, cfg.classes, (cfg.batch,), generator=gen).to(device)
 
     def build() -> RevMLP:
-        return RevMLP(cfg.features, cfg.classes, cfg.blocks, cfg.hidden, seed=cfg.seed, dtype=dtype).to(device)
+        return RevMLP(cfg.features, cfg.classes, cfg.blocks, cfg.hidden, seed=cfg.seed, dtype=dtype).to(
+            device
+        )
 
     least_squares = cfg.batch > build().max_exact_batch
     results: dict[str, object] = {}
@@ -175,7 +208,9 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, object]:
         model = build()
         with torch.no_grad():
             fwd = lambda: model(x)  # noqa: E731
-            results["forward_s"], timings["forward"], peaks["forward"] = _time(fwd, device, cfg.repeats, cfg.warmup)
+            results["forward_s"], timings["forward"], peaks["forward"] = _time(
+                fwd, device, cfg.repeats, cfg.warmup
+            )
         model = None  # free it before the next build (closures below rebind it)
 
         model = build()
@@ -186,15 +221,26 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, object]:
             torch.nn.functional.cross_entropy(model(x), y).backward()
             adam.step()
 
-        results["adam_step_s"], timings["adam_step"], peaks["adam_step"] = _time(adam_step, device, cfg.repeats, cfg.warmup)
+        results["adam_step_s"], timings["adam_step"], peaks["adam_step"] = _time(
+            adam_step, device, cfg.repeats, cfg.warmup
+        )
         model = adam = None
 
         for inverse in ("right", "pinv"):
             key = f"gn_{inverse}_step"
             model = build()
-            opt = GaussNewton(model, lr=0.1, inverse=inverse, least_squares=least_squares, solve_dtype=cfg.solve_dtype,
-                              rtol=cfg.rtol, atol=cfg.atol)
-            results[f"{key}_s"], timings[key], peaks[key] = _time(lambda: opt.step(x, y), device, cfg.repeats, cfg.warmup)
+            opt = GaussNewton(
+                model,
+                lr=0.1,
+                inverse=inverse,
+                least_squares=least_squares,
+                solve_dtype=cfg.solve_dtype,
+                rtol=cfg.rtol,
+                atol=cfg.atol,
+            )
+            results[f"{key}_s"], timings[key], peaks[key] = _time(
+                lambda: opt.step(x, y), device, cfg.repeats, cfg.warmup
+            )
             methods[key] = sorted({s.method for s in opt.last_result.solves})
             if progress:
                 print(f"  {key}: {results[f'{key}_s']:.4g} s", flush=True)
@@ -205,10 +251,20 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, object]:
     flops = step_flops(cfg.features, cfg.hidden, cfg.blocks, cfg.batch, cfg.classes)
     adam_s = results["adam_step_s"]
     results.update(
-        sizes=dict(features=cfg.features, hidden=cfg.hidden, blocks=cfg.blocks, batch=cfg.batch, classes=cfg.classes),
-        settings=dict(dtype=cfg.dtype, solve_dtype=cfg.solve_dtype, tf32=cfg.tf32, repeats=cfg.repeats,
-                      warmup=cfg.warmup, seed=cfg.seed, least_squares_right=least_squares, rtol=cfg.rtol,
-                      atol=cfg.atol),
+        sizes=dict(
+            features=cfg.features, hidden=cfg.hidden, blocks=cfg.blocks, batch=cfg.batch, classes=cfg.classes
+        ),
+        settings=dict(
+            dtype=cfg.dtype,
+            solve_dtype=cfg.solve_dtype,
+            tf32=cfg.tf32,
+            repeats=cfg.repeats,
+            warmup=cfg.warmup,
+            seed=cfg.seed,
+            least_squares_right=least_squares,
+            rtol=cfg.rtol,
+            atol=cfg.atol,
+        ),
         solve_methods=methods,
         device=str(device),
         environment=_environment(device),
@@ -226,7 +282,8 @@ def format_table(results: dict[str, object]) -> str:
     """A Markdown table of medians, ratios to Adam, counted FLOP ratios, throughput and peak memory."""
     sizes, env = results["sizes"], results["environment"]
     head = (
-        f"d={sizes['features']} h={sizes['hidden']} L={sizes['blocks']} B={sizes['batch']} k={sizes['classes']} "
+        f"d={sizes['features']} h={sizes['hidden']} L={sizes['blocks']} B={sizes['batch']} "
+        f"k={sizes['classes']} "
         f"on {env.get('device_name', env['device'])} ({results['device']}, "
         f"torch {meta_value(env, 'torch_version')}, {env['threads']} threads{_load(env)}, "
         f"{results['settings']['dtype']}"
@@ -234,19 +291,27 @@ def format_table(results: dict[str, object]) -> str:
         f"{', float64 solves' if results['settings']['solve_dtype'] == 'float64' else ''}"
         f"{_truncation(results['settings'])})"
     )
-    lines = [head, "", "| step | median (s) | × Adam step | counted FLOPs × Adam | GFLOP/s | peak memory |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        head,
+        "",
+        "| step | median (s) | × Adam step | counted FLOPs × Adam | GFLOP/s | peak memory |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for s in STEPS:
         peak = results["peak_memory_bytes"][s]
         lines.append(
-            f"| {s} | {results[f'{s}_s']:.4g} | {results['ratios'][s]:.2f} | {results['flop_ratios'][s]:.2f} | "
+            f"| {s} | {results[f'{s}_s']:.4g} | {results['ratios'][s]:.2f} | {results['flop_ratios'][s]:.2f} "
+            "| "
             f"{results['gflops_per_s'][s]:.1f} | {'-' if peak is None else f'{peak / 2**30:.2f} GiB'} |"
         )
     if results["settings"]["least_squares_right"]:
         lines.append("")
-        lines.append("Note: the batch exceeds the rank bound of the identity first block (d/2 + 1), so its half-layers "
-                     "take the exact least-squares step (least_squares=True, column-Gram solves) and J·Δθ = v "
-                     "holds only in the other blocks.")
+        lines.append(
+            "Note: the batch exceeds the rank bound of the identity first block (d/2 + 1), so its "
+            "half-layers "
+            "take the exact least-squares step (least_squares=True, column-Gram solves) and J·Δθ = v "
+            "holds only in the other blocks."
+        )
     return "\n".join(lines)
 
 

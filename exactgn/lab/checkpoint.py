@@ -44,7 +44,8 @@ __all__ = [
 
 CHECKPOINT_FORMAT = 1
 
-# Architecture keys of RevMLP.config() that must agree for weights to be loaded, and the config keys that set them.
+# Architecture keys of RevMLP.config() that must agree for weights to be loaded, and the config keys that set
+# them.
 _ARCH_KEYS = {
     "in_features": "the dataset (data.dataset: d = 784 for MNIST, 3072 for CIFAR-10)",
     "num_classes": "the dataset (data.dataset)",
@@ -56,15 +57,21 @@ _ARCH_KEYS = {
 
 # ---------------------------------------------------------------------------- RNG
 def rng_states(data_generator: torch.Generator) -> dict[str, Any]:
-    """The state of every random number generator a run touches: torch (CPU, CUDA), numpy, python, data order."""
+    """The state of every random number generator a run touches: torch (CPU, CUDA), numpy, python, data
+    order."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     return {
         "torch": torch.get_rng_state(),
         "cuda": cuda,
-        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
         "data": data_generator.get_state(),
     }
@@ -76,8 +83,15 @@ def restore_rng_states(states: dict[str, Any], data_generator: torch.Generator) 
     if states.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
     npy = states["numpy"]
-    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["cached_gaussian"]))
+    np.random.set_state(
+        (
+            npy["kind"],
+            npy["keys"].numpy().astype(np.uint32),
+            npy["pos"],
+            npy["has_gauss"],
+            npy["cached_gaussian"],
+        )
+    )
     py = states["python"]
     random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
     data_generator.set_state(states["data"])
@@ -104,22 +118,26 @@ def save_weights(path: str | os.PathLike, model: torch.nn.Module, epoch: int) ->
 
 # ---------------------------------------------------------------------------- reading
 def read_payload(path: str | os.PathLike) -> dict[str, Any]:
-    """Any exactgn checkpoint as a dict, on the CPU; ``FileNotFoundError`` or ``ValueError`` naming the file."""
+    """Any exactgn checkpoint as a dict, on the CPU; ``FileNotFoundError`` or ``ValueError`` naming the
+    file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated zip, bad or foreign pickle, ...
-        raise ValueError(f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}); it is corrupt, "
-                         "truncated or not a checkpoint") from exc
+        raise ValueError(
+            f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}); it is corrupt, "
+            "truncated or not a checkpoint"
+        ) from exc
     if not isinstance(payload, dict):
         raise ValueError(f"{path} is not an exactgn checkpoint (it holds a {type(payload).__name__})")
     return payload
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A resumable checkpoint (``last.pt``); a clear error when it is missing, truncated or of another format."""
+    """A resumable checkpoint (``last.pt``); a clear error when it is missing, truncated or of another
+    format."""
     payload = read_payload(path)
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not an exactgn checkpoint of format {CHECKPOINT_FORMAT}")
@@ -129,8 +147,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 def _model_parts(payload: dict[str, Any], path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     missing = [k for k in ("model", "model_config") if not isinstance(payload.get(k), dict)]
     if missing:
-        raise ValueError(f"{path} is not an exactgn checkpoint: it lacks {missing} (checkpoints hold 'model' and "
-                         "'model_config'; use RUN/checkpoints/last.pt or RUN/checkpoints/epoch_NNNN.pt)")
+        raise ValueError(
+            f"{path} is not an exactgn checkpoint: it lacks {missing} (checkpoints hold 'model' and "
+            "'model_config'; use RUN/checkpoints/last.pt or RUN/checkpoints/epoch_NNNN.pt)"
+        )
     return payload["model"], payload["model_config"]
 
 
@@ -141,7 +161,11 @@ def _checkpoint_file(source: str | os.PathLike, epoch: int | None) -> Path:
         return source
     path = last_checkpoint(source) if epoch is None else epoch_checkpoint(source, epoch)
     if not path.is_file():
-        hint = "" if epoch is None else "; epoch checkpoints are kept when the run has train.keep_checkpoints = true"
+        hint = (
+            ""
+            if epoch is None
+            else "; epoch checkpoints are kept when the run has train.keep_checkpoints = true"
+        )
         raise FileNotFoundError(f"run folder {source} has no {path.relative_to(source)}{hint}")
     return path
 
@@ -170,12 +194,15 @@ def resolve_init_from(path: str | os.PathLike) -> Path:
             if candidate.is_file():
                 return candidate
         raise ConfigError(
-            f"model.init_from: {given} is a folder without checkpoints/last.pt; give a run folder whose run has "
-            "started, or a checkpoint file (RUN/checkpoints/last.pt or RUN/checkpoints/epoch_NNNN.pt)")
+            f"model.init_from: {given} is a folder without checkpoints/last.pt; give a run folder whose run "
+            "has "
+            "started, or a checkpoint file (RUN/checkpoints/last.pt or RUN/checkpoints/epoch_NNNN.pt)"
+        )
     if not resolved.is_file():
         raise ConfigError(
             f"model.init_from: {given} does not exist (resolved to {resolved}); give a checkpoint file "
-            "(RUN/checkpoints/last.pt or RUN/checkpoints/epoch_NNNN.pt) or a run folder")
+            "(RUN/checkpoints/last.pt or RUN/checkpoints/epoch_NNNN.pt) or a run folder"
+        )
     return resolved
 
 
@@ -183,11 +210,14 @@ def _check_architecture(file: Path, theirs: dict[str, Any], model: RevMLP) -> No
     ours = model.config()
     differ = [(key, theirs.get(key), ours[key]) for key in _ARCH_KEYS if theirs.get(key) != ours[key]]
     if differ:
-        detail = "; ".join(f"{key}: checkpoint {a!r}, this config {b!r} (set by {_ARCH_KEYS[key]})"
-                           for key, a, b in differ)
-        raise ConfigError(f"model.init_from: the architecture of {file} does not match this run's model: "
-                          f"{detail}. Make the config's model (and dataset) match the checkpoint's, or start "
-                          "from another checkpoint")
+        detail = "; ".join(
+            f"{key}: checkpoint {a!r}, this config {b!r} (set by {_ARCH_KEYS[key]})" for key, a, b in differ
+        )
+        raise ConfigError(
+            f"model.init_from: the architecture of {file} does not match this run's model: "
+            f"{detail}. Make the config's model (and dataset) match the checkpoint's, or start "
+            "from another checkpoint"
+        )
 
 
 def load_init_weights(model: RevMLP, path: str | os.PathLike) -> dict[str, Any]:
@@ -208,7 +238,9 @@ def load_init_weights(model: RevMLP, path: str | os.PathLike) -> dict[str, Any]:
     _check_architecture(file, config, model)
     expected = model.state_dict()
     if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
-        raise ConfigError(f"model.init_from: the tensors in {file} do not fit this run's model (names or shapes differ)")
+        raise ConfigError(
+            f"model.init_from: the tensors in {file} do not fit this run's model (names or shapes differ)"
+        )
     with torch.no_grad():
         model.load_state_dict({k: v.to(dtype=expected[k].dtype) for k, v in state.items()})
     source_cfg = payload.get("config") if isinstance(payload.get("config"), dict) else {}

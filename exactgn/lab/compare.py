@@ -1,7 +1,8 @@
 """``exactgn compare``: one setting trained with GN, Adam and SGD, then a table of final and best results.
 
 A *setting* is a folder holding ``gn.toml``, ``adam.toml`` and ``sgd.toml``: a shipped one
-(``exactgn/lab/configs/experiments/<setting>/``, e.g. ``mnist-fullbatch-cpu``) or any folder given by path. The runs go to
+(``exactgn/lab/configs/experiments/<setting>/``, e.g. ``mnist-fullbatch-cpu``) or any folder given by path.
+The runs go to
 ``OUT/<optimiser>/`` (run folders as in ``docs/run-folder.md``) and the table to ``OUT/comparison.md`` and
 ``OUT/comparison.csv``.
 """
@@ -21,13 +22,35 @@ from .config import EXPERIMENTS_DIR, OPTIMISERS, ConfigError, list_settings, loa
 from .rundir import atomic_write_text, log_path, meta_path, read_meta, read_rows
 from .train import train
 
-__all__ = ["setting_optimisers", "find_setting", "compare", "summarise_run", "comparison_rows", "format_markdown", "format_csv", "format_cell"]
+__all__ = [
+    "setting_optimisers",
+    "find_setting",
+    "compare",
+    "summarise_run",
+    "comparison_rows",
+    "format_markdown",
+    "format_csv",
+    "format_cell",
+]
 
 NAMES = {"gn": "GN", "adam": "Adam", "sgd": "SGD", "adamw": "AdamW"}
 CSV_FIELDS = (
-    "optimiser", "status", "epochs", "steps", "final_train_loss", "final_train_accuracy", "final_test_loss",
-    "final_test_accuracy", "best_train_loss", "best_train_accuracy", "best_test_loss", "best_test_accuracy",
-    "best_test_accuracy_epoch", "final_mean_loss_change_pct", "wall_time_s", "run_dir",
+    "optimiser",
+    "status",
+    "epochs",
+    "steps",
+    "final_train_loss",
+    "final_train_accuracy",
+    "final_test_loss",
+    "final_test_accuracy",
+    "best_train_loss",
+    "best_train_accuracy",
+    "best_test_loss",
+    "best_test_accuracy",
+    "best_test_accuracy_epoch",
+    "final_mean_loss_change_pct",
+    "wall_time_s",
+    "run_dir",
 )
 
 
@@ -47,8 +70,10 @@ def find_setting(setting: str | Path) -> Path:
                 files = ", ".join(f"{o}.toml" for o in OPTIMISERS)
                 raise ConfigError(f"setting {folder}: no optimiser file (a setting holds some of {files})")
             return folder
-    raise ConfigError(f"setting {str(setting)!r}: no such folder and no shipped setting; "
-                      f"shipped: {', '.join(list_settings())}")
+    raise ConfigError(
+        f"setting {str(setting)!r}: no such folder and no shipped setting; "
+        f"shipped: {', '.join(list_settings())}"
+    )
 
 
 def summarise_run(run_dir: str | Path) -> dict[str, Any]:
@@ -58,8 +83,12 @@ def summarise_run(run_dir: str | Path) -> dict[str, Any]:
     rows = read_rows(log_path(run_dir, "epochs"))
     trained = [r for r in rows if r["epoch"] >= 1] or rows
     out: dict[str, Any] = {
-        "optimiser": meta.get("optimiser"), "status": meta.get("status"), "epochs": meta.get("epochs_done"),
-        "steps": meta.get("global_step"), "wall_time_s": meta.get("wall_time_s"), "run_dir": str(run_dir),
+        "optimiser": meta.get("optimiser"),
+        "status": meta.get("status"),
+        "epochs": meta.get("epochs_done"),
+        "steps": meta.get("global_step"),
+        "wall_time_s": meta.get("wall_time_s"),
+        "run_dir": str(run_dir),
     }
     if not trained:
         return out
@@ -101,8 +130,11 @@ def format_cell(value: Any, kind: str) -> str:
 
 def format_markdown(rows: Sequence[dict[str, Any]], title: str = "") -> str:
     """The comparison as a Markdown table (accuracies in %)."""
-    head = ("| optimiser | status | epochs | final train loss | final train acc % | final test loss | final test acc % "
-            "| best train loss | best train acc % | best test loss | best test acc % (epoch) | time s |")
+    head = (
+        "| optimiser | status | epochs | final train loss | final train acc % | final test loss | final test "
+        "acc % "
+        "| best train loss | best train acc % | best test loss | best test acc % (epoch) | time s |"
+    )
     lines = ([f"**{title}**", ""] if title else []) + [head, "|" + "---|" * 2 + "---:|" * 10]
     for r in rows:
         best_acc = format_cell(r.get("best_test_accuracy"), "acc")
@@ -110,10 +142,14 @@ def format_markdown(rows: Sequence[dict[str, Any]], title: str = "") -> str:
             best_acc += f" ({r['best_test_accuracy_epoch']})"
         lines.append(
             f"| {NAMES.get(r['optimiser'], r['optimiser'])} | {r['status']} | {r['epochs']} "
-            f"| {format_cell(r.get('final_train_loss'), 'loss')} | {format_cell(r.get('final_train_accuracy'), 'acc')} "
-            f"| {format_cell(r.get('final_test_loss'), 'loss')} | {format_cell(r.get('final_test_accuracy'), 'acc')} "
-            f"| {format_cell(r.get('best_train_loss'), 'loss')} | {format_cell(r.get('best_train_accuracy'), 'acc')} "
-            f"| {format_cell(r.get('best_test_loss'), 'loss')} | {best_acc} | {format_cell(r.get('wall_time_s'), 'time')} |"
+            f"| {format_cell(r.get('final_train_loss'), 'loss')} | "
+            f"{format_cell(r.get('final_train_accuracy'), 'acc')} "
+            f"| {format_cell(r.get('final_test_loss'), 'loss')} | "
+            f"{format_cell(r.get('final_test_accuracy'), 'acc')} "
+            f"| {format_cell(r.get('best_train_loss'), 'loss')} | "
+            f"{format_cell(r.get('best_train_accuracy'), 'acc')} "
+            f"| {format_cell(r.get('best_test_loss'), 'loss')} | {best_acc} | "
+            f"{format_cell(r.get('wall_time_s'), 'time')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -138,8 +174,9 @@ def _choose(folder: Path, optimisers: Sequence[str] | None) -> list[str]:
         raise ConfigError(f"optimisers must be some of {', '.join(OPTIMISERS)}, got {chosen}")
     missing = [o for o in chosen if o not in present]
     if missing:
-        raise ConfigError(f"setting {folder}: no {', '.join(f'{o}.toml' for o in missing)}; it has "
-                          f"{', '.join(present)}")
+        raise ConfigError(
+            f"setting {folder}: no {', '.join(f'{o}.toml' for o in missing)}; it has {', '.join(present)}"
+        )
     return chosen
 
 
@@ -151,8 +188,9 @@ def _comparison_dir(folder: Path, out_dir: str | Path | None, resume: bool) -> P
         out_dir = Path("runs") / f"compare-{folder.name}-{stamp}"
     out_dir = Path(out_dir)
     if not resume and out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} already exists and is not empty; choose another --out, "
-                              f"or --resume {out_dir}")
+        raise FileExistsError(
+            f"{out_dir} already exists and is not empty; choose another --out, or --resume {out_dir}"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
 
@@ -172,9 +210,12 @@ def _run_one(cfg: Any, run_dir: Path, resume: bool, progress: bool, epoch_lines:
 def _say_result(setting: str, opt: str, run_dir: Path) -> None:
     s = summarise_run(run_dir)
     if s.get("final_train_loss") is not None:
-        print(f"  {setting} {NAMES.get(opt, opt):>5}: {s['status']}, train loss {s['final_train_loss']:.4f}, "
-              f"test accuracy {100 * s['final_test_accuracy']:.2f}% ({s['wall_time_s']:.0f} s)",
-              file=sys.stderr, flush=True)
+        print(
+            f"  {setting} {NAMES.get(opt, opt):>5}: {s['status']}, train loss {s['final_train_loss']:.4f}, "
+            f"test accuracy {100 * s['final_test_accuracy']:.2f}% ({s['wall_time_s']:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def compare(

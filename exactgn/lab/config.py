@@ -78,11 +78,13 @@ def _pair_ok(pair: list[float]) -> bool:
 class DataConfig(Table):
     """``[data]``: which images, how many, and augmentation."""
 
-    dataset: Literal[DATASETS] = "mnist-small"  # type: ignore[valid-type]  # a key of exactgn.lab.data.DATASETS
+    # type: ignore[valid-type]  # a key of exactgn.lab.data.DATASETS
+    dataset: Literal[DATASETS] = "mnist-small"
     root: str = ""  # data root; "" = --data-root or $EXACTGN_DATA
     download: bool = False  # fetch missing files with torchvision
     train_size: int = Field(0, ge=0)  # training images to keep; 0 = all
-    subset: Literal[SUBSETS] = "first"  # type: ignore[valid-type]  # first (reference) | balanced (seeded draw)
+    # type: ignore[valid-type]  # first (reference) | balanced (seeded draw)
+    subset: Literal[SUBSETS] = "first"
     subset_seed: int = 0
     test_size: int = Field(0, ge=0)  # first N test images; 0 = all
     # Validation images held out of the *training* file (never the test file), logged as val_loss and
@@ -129,7 +131,8 @@ class GNConfig(Table):
     """``[optim.gn]``: settings of the Gauss–Newton direction (see :class:`exactgn.GaussNewton`)."""
 
     inverse: Literal[INVERSES] = "right"  # type: ignore[valid-type]  # right (J♭, includes 1/L) | pinv (J⁺)
-    hessian: Literal[HESSIANS] = "identity"  # type: ignore[valid-type]  # identity (reference) | exact (CE only)
+    # type: ignore[valid-type]  # identity (reference) | exact (CE only)
+    hessian: Literal[HESSIANS] = "identity"
     rtol: float = Field(0.0, ge=0, allow_inf_nan=False)
     atol: float = Field(0.0, ge=0, allow_inf_nan=False)
     damping: float = Field(0.0, ge=0, allow_inf_nan=False)
@@ -245,9 +248,13 @@ class RunConfig(Table):
     @model_validator(mode="after")
     def _across_tables(self) -> RunConfig:
         if not self.name or any(c in self.name for c in "/\\") or self.name.strip() != self.name:
-            raise ValueError(f"name: must be a non-empty name without slashes or surrounding spaces, got {self.name!r}")
+            raise ValueError(
+                f"name: must be a non-empty name without slashes or surrounding spaces, got {self.name!r}"
+            )
         if self.optim.gn.hessian == "exact" and self.train.loss == "mse":
-            raise ValueError("optim.gn.hessian: 'exact' applies to cross-entropy; MSE's Hessian is the identity already")
+            raise ValueError(
+                "optim.gn.hessian: 'exact' applies to cross-entropy; MSE's Hessian is the identity already"
+            )
         return self
 
 
@@ -256,7 +263,13 @@ EXECUTION_KEYS = ("data.root", "data.download", "train.device", "train.threads",
 #: Keys a resumed run may change: the execution keys, how long it trains and what it keeps.
 RESUMABLE_KEYS = ("train.epochs", "train.checkpoint_every", "train.keep_checkpoints", *EXECUTION_KEYS)
 #: Keys that do not define a setting: two runs differing only here (and in seeds) are seeds of one setting.
-BOOKKEEPING_KEYS = ("name", "description", "train.checkpoint_every", "train.keep_checkpoints", *EXECUTION_KEYS)
+BOOKKEEPING_KEYS = (
+    "name",
+    "description",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    *EXECUTION_KEYS,
+)
 
 
 def from_dict(data: dict[str, Any]) -> RunConfig:
@@ -296,7 +309,9 @@ def _set_key(data: dict[str, Any], key: str, value: Any) -> None:
         child_cls = nested_table(cls, part)
         if depth == len(parts) - 1:
             if child_cls is not None:
-                raise ConfigError(f"--set {key}: [{key}] is a table; set one of its keys, e.g. {key}.<key>=...")
+                raise ConfigError(
+                    f"--set {key}: [{key}] is a table; set one of its keys, e.g. {key}.<key>=..."
+                )
             node[part] = value
             return
         if child_cls is None:
@@ -329,7 +344,9 @@ def replace_key(cfg: RunConfig, key: str, value: Any) -> RunConfig:
 
 
 # ---------------------------------------------------------------------------- files
-def loads_config(text: str, overrides: list[str] | dict[str, Any] = (), *, source: str = "<string>") -> RunConfig:
+def loads_config(
+    text: str, overrides: list[str] | dict[str, Any] = (), *, source: str = "<string>"
+) -> RunConfig:
     """Parse TOML text (plus overrides) into a validated :class:`RunConfig`."""
     try:
         data = tomllib.loads(text)
@@ -354,7 +371,9 @@ def load_config(path: str | Path, overrides: list[str] | dict[str, Any] = ()) ->
 
 def list_experiments() -> list[str]:
     """Names of the shipped experiments, ``<setting>/<optimiser>``."""
-    return sorted(p.relative_to(EXPERIMENTS_DIR).with_suffix("").as_posix() for p in EXPERIMENTS_DIR.rglob("*.toml"))
+    return sorted(
+        p.relative_to(EXPERIMENTS_DIR).with_suffix("").as_posix() for p in EXPERIMENTS_DIR.rglob("*.toml")
+    )
 
 
 def list_settings() -> list[str]:
@@ -366,8 +385,11 @@ def list_settings() -> list[str]:
     )
 
 
-def find_shipped(name: str | Path, folder: Path, shipped: list[str], what: str, kinds: tuple[str, str]) -> Path:
-    """An existing file ``name``, else ``folder/<name>.toml`` (``.toml`` optional) among the ``shipped`` names.
+def find_shipped(
+    name: str | Path, folder: Path, shipped: list[str], what: str, kinds: tuple[str, str]
+) -> Path:
+    """An existing file ``name``, else ``folder/<name>.toml`` (``.toml`` optional) among the ``shipped``
+    names.
 
     The error for neither names ``what`` was asked for and suggests close names; ``kinds`` is the singular and
     plural of what ships (``("experiment", "experiments")``).
@@ -385,7 +407,8 @@ def find_shipped(name: str | Path, folder: Path, shipped: list[str], what: str, 
 
 
 def find_config(name: str | Path) -> Path:
-    """A config path: an existing file, else a shipped experiment ``<setting>/<optimiser>`` (``.toml`` optional)."""
+    """A config path: an existing file, else a shipped experiment ``<setting>/<optimiser>`` (``.toml``
+    optional)."""
     return find_shipped(name, EXPERIMENTS_DIR, list_experiments(), "config", ("experiment", "experiments"))
 
 
@@ -463,7 +486,8 @@ def _bare_key(key: str) -> str:
 
 
 def dumps(data: dict[str, Any] | Any, header: str = "") -> str:
-    """Nested dicts (or a configuration model) as TOML: scalars first, then one ``[table]`` per nested dict."""
+    """Nested dicts (or a configuration model) as TOML: scalars first, then one ``[table]`` per nested
+    dict."""
     if isinstance(data, Table):
         data = to_dict(data)
     lines: list[str] = [f"# {line}".rstrip() for line in header.splitlines()]

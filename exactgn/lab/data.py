@@ -1,4 +1,5 @@
-"""MNIST, Fashion-MNIST and CIFAR-10 from their standard files, the bundled small MNIST, subsets and augmentation.
+"""MNIST, Fashion-MNIST and CIFAR-10 from their standard files, the bundled small MNIST, subsets and
+augmentation.
 
 Files are read with numpy alone (torchvision is needed only for ``download=True``), in the layout that
 torchvision uses under a data root::
@@ -29,8 +30,8 @@ import os
 import pickle
 import zlib
 from dataclasses import dataclass
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -118,7 +119,8 @@ class RawData:
 
 @dataclass
 class Dataset:
-    """A normalised split: ``images`` float ``N × C × H × W``, ``labels`` int64 ``N``; ``index`` holds each image's
+    """A normalised split: ``images`` float ``N × C × H × W``, ``labels`` int64 ``N``; ``index`` holds each
+    image's
     position in the original file (``N``)."""
 
     images: Tensor
@@ -189,7 +191,8 @@ def _find_idx_file(root: Path, folder: str, stem: str) -> Path | None:
 def _missing_message(name: str, root: Path, missing: list[str], folder: Path) -> str:
     files = ", ".join(missing)
     how = (
-        "pass --download (needs torchvision: pip install 'exactgn[vision]' and a network), or copy the official "
+        "pass --download (needs torchvision: pip install 'exactgn[vision]' and a network), or copy the "
+        "official "
         "files there (MNIST: the four *-ubyte.gz files from the MNIST release; CIFAR-10: the extracted "
         "cifar-10-python.tar.gz)"
     )
@@ -209,14 +212,19 @@ def _read_bytes(path: Path) -> bytes:
         return gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as exc:
         # gzip raises EOFError on a truncated stream and BadGzipFile (an OSError) on a bad header.
-        what = "truncated (the compressed stream ends early)" if isinstance(exc, EOFError) else f"not a valid gzip file ({exc})"
+        what = (
+            "truncated (the compressed stream ends early)"
+            if isinstance(exc, EOFError)
+            else f"not a valid gzip file ({exc})"
+        )
         raise DataError(f"{path}: {what}; replace it with a fresh copy of the official file") from exc
 
 
 def read_idx(path: str | os.PathLike, *, kind: str | None = None) -> np.ndarray:
     """Read an IDX file (MNIST's format), gzipped or not: images ``N × rows × cols`` or labels ``N``, uint8.
 
-    ``kind`` (``"images"`` or ``"labels"``) is what the file must hold. Every size is checked against the header.
+    ``kind`` (``"images"`` or ``"labels"``) is what the file must hold. Every size is checked against the
+    header.
     """
     path = Path(path)
     buf = _read_bytes(path)
@@ -230,7 +238,9 @@ def read_idx(path: str | os.PathLike, *, kind: str | None = None) -> np.ndarray:
         )
     found = "images" if magic == _IDX_IMAGES else "labels"
     if kind is not None and kind != found:
-        raise DataError(f"{path}: holds {found} (magic {magic}), but {kind} were expected here; are the files swapped?")
+        raise DataError(
+            f"{path}: holds {found} (magic {magic}), but {kind} were expected here; are the files swapped?"
+        )
     if found == "labels":
         n = int.from_bytes(buf[4:8], "big")
         offset, shape = 8, (n,)
@@ -243,7 +253,8 @@ def read_idx(path: str | os.PathLike, *, kind: str | None = None) -> np.ndarray:
     if len(buf) != expected:
         state = "truncated" if len(buf) < expected else "longer than its header says"
         raise DataError(
-            f"{path}: {state}: the header announces {n} {found} of shape {shape[1:] or '()'}, i.e. {expected} bytes, "
+            f"{path}: {state}: the header announces {n} {found} of shape {shape[1:] or '()'}, i.e. "
+            f"{expected} bytes, "
             f"but the (uncompressed) file has {len(buf)} bytes"
         )
     return np.frombuffer(buf, np.uint8, offset=offset).reshape(shape)
@@ -256,15 +267,19 @@ def read_idx_dataset(root: str | os.PathLike, folder: str = "MNIST", name: str =
     paths = {key: _find_idx_file(root, folder, stem) for key, stem in MNIST_FILES.items()}
     missing = [MNIST_FILES[key] + ".gz" for key, p in paths.items() if p is None]
     if missing:
-        raise DataError(_missing_message(REGISTRY[name].title, root, missing, root / folder / "raw"), missing=True)
+        raise DataError(
+            _missing_message(REGISTRY[name].title, root, missing, root / folder / "raw"), missing=True
+        )
     splits = {}
     for split in ("train", "test"):
         img_path, lab_path = paths[f"{split}_images"], paths[f"{split}_labels"]
         images = read_idx(img_path, kind="images")
         labels = read_idx(lab_path, kind="labels")
         if images.shape[1:] != (28, 28):
-            raise DataError(f"{img_path}: images are {images.shape[1]}×{images.shape[2]}, "
-                            f"{REGISTRY[name].title}'s are 28×28")
+            raise DataError(
+                f"{img_path}: images are {images.shape[1]}×{images.shape[2]}, "
+                f"{REGISTRY[name].title}'s are 28×28"
+            )
         if images.shape[0] != labels.shape[0]:
             raise DataError(
                 f"{img_path} holds {images.shape[0]} images but {lab_path} holds {labels.shape[0]} labels; "
@@ -315,7 +330,9 @@ def _allowed_global(module: str, name: str):  # noqa: ANN202
         except ImportError:
             from numpy.core.multiarray import scalar  # type: ignore[attr-defined,no-redef]
         return scalar
-    raise pickle.UnpicklingError(f"the pickle refers to {module}.{name}, which a CIFAR-10 batch never contains")
+    raise pickle.UnpicklingError(
+        f"the pickle refers to {module}.{name}, which a CIFAR-10 batch never contains"
+    )
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -337,7 +354,9 @@ def read_cifar_batch(path: str | os.PathLike) -> RawSplit:
         obj = _SafeUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except Exception as exc:  # pickle raises many types on garbage input
         if isinstance(exc, EOFError) or "truncated" in str(exc):
-            raise DataError(f"{path}: truncated: the pickle ends early ({len(raw)} bytes); replace the file") from exc
+            raise DataError(
+                f"{path}: truncated: the pickle ends early ({len(raw)} bytes); replace the file"
+            ) from exc
         raise DataError(f"{path}: not a valid CIFAR-10 batch pickle ({type(exc).__name__}: {exc})") from exc
     if not isinstance(obj, dict):
         raise DataError(f"{path}: a CIFAR-10 batch is a pickled dict, got {type(obj).__name__}")
@@ -349,14 +368,17 @@ def read_cifar_batch(path: str | os.PathLike) -> RawSplit:
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         shape = getattr(data, "shape", None)
         dtype = getattr(data, "dtype", type(data).__name__)
-        raise DataError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got {dtype} of shape {shape}")
+        raise DataError(
+            f"{path}: 'data' must be a uint8 array of shape (N, 3072), got {dtype} of shape {shape}"
+        )
     try:
         labels = np.asarray(entries["labels"], dtype=np.int64)
     except (TypeError, ValueError) as exc:
         raise DataError(f"{path}: 'labels' is not a list of integers ({exc})") from exc
     if labels.ndim != 1 or labels.shape[0] != data.shape[0]:
         raise DataError(
-            f"{path}: {data.shape[0]} images but {labels.reshape(-1).shape[0]} labels; the batch is inconsistent"
+            f"{path}: {data.shape[0]} images but {labels.reshape(-1).shape[0]} labels; the batch is "
+            "inconsistent"
         )
     _check_labels(labels, 10, path)
     # Rows are channel-major (1024 red, 1024 green, 1024 blue values, each row by row).
@@ -385,7 +407,8 @@ def read_cifar10(root: str | os.PathLike) -> RawData:
 
 # ---------------------------------------------------------------------------- bundled MNIST
 def read_bundled_mnist(path: str | os.PathLike | None = None, *, check: bool = True) -> RawData:
-    """The small MNIST subset shipped with exactgn (``exactgn/lab/assets/mnist_small.npz``), checksum-verified."""
+    """The small MNIST subset shipped with exactgn (``exactgn/lab/assets/mnist_small.npz``),
+    checksum-verified."""
     path = BUNDLED_MNIST if path is None else Path(path)
     if not path.is_file():
         raise DataError(
@@ -409,8 +432,15 @@ def read_bundled_mnist(path: str | os.PathLike | None = None, *, check: bool = T
         images, labels = arrays.get(f"{split}_images"), arrays.get(f"{split}_labels")
         if images is None or labels is None:
             raise DataError(f"{path}: missing {split}_images or {split}_labels (found {sorted(arrays)})")
-        if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) != len(labels):
-            raise DataError(f"{path}: {split} arrays have unexpected shapes {images.shape} and {labels.shape}")
+        if (
+            images.dtype != np.uint8
+            or images.ndim != 3
+            or images.shape[1:] != (28, 28)
+            or len(images) != len(labels)
+        ):
+            raise DataError(
+                f"{path}: {split} arrays have unexpected shapes {images.shape} and {labels.shape}"
+            )
         _check_labels(labels, 10, path)
         splits[split] = RawSplit(images[:, None], labels.astype(np.int64))
     return RawData("mnist-small", splits["train"], splits["test"], str(path))
@@ -441,21 +471,53 @@ _MNIST_STATS = ((0.1307,), (0.3081,))
 
 def _idx_files(folder: str) -> Callable[[Path], str]:
     return lambda root: ", ".join(str(root / folder / "raw" / f"{stem}.gz") for stem in MNIST_FILES.values())
+
+
 _DIGITS = tuple(str(i) for i in range(10))
 
 #: Dataset name (``data.dataset``) → its entry. Adding a dataset is adding an entry here.
 REGISTRY: dict[str, DatasetEntry] = {
     "mnist": DatasetEntry("MNIST", read_mnist, *_MNIST_STATS, _DIGITS, "MNIST", _idx_files("MNIST")),
     "cifar10": DatasetEntry(
-        "CIFAR-10", read_cifar10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
-        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"), "CIFAR10",
-        lambda root: f"{root / CIFAR_DIR}/{{data_batch_1..5, test_batch}} (the extracted cifar-10-python.tar.gz)"),
-    "mnist-small": DatasetEntry("mnist-small", lambda root: read_bundled_mnist(), *_MNIST_STATS, _DIGITS, None,
-                                lambda root: "nothing (bundled with exactgn)", needs_root=False),
+        "CIFAR-10",
+        read_cifar10,
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+        "CIFAR10",
+        lambda root: (
+            f"{root / CIFAR_DIR}/{{data_batch_1..5, test_batch}} (the extracted cifar-10-python.tar.gz)"
+        ),
+    ),
+    "mnist-small": DatasetEntry(
+        "mnist-small",
+        lambda root: read_bundled_mnist(),
+        *_MNIST_STATS,
+        _DIGITS,
+        None,
+        lambda root: "nothing (bundled with exactgn)",
+        needs_root=False,
+    ),
     "fashion-mnist": DatasetEntry(
-        "Fashion-MNIST", read_fashion_mnist, (0.2860,), (0.3530,),
-        ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
-        "FashionMNIST", _idx_files("FashionMNIST")),
+        "Fashion-MNIST",
+        read_fashion_mnist,
+        (0.2860,),
+        (0.3530,),
+        (
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ),
+        "FashionMNIST",
+        _idx_files("FashionMNIST"),
+    ),
 }
 DATASETS = tuple(REGISTRY)
 #: Reference normalisation per dataset, ``(mean, std)`` per channel (from :data:`REGISTRY`).
@@ -483,7 +545,8 @@ def _download(name: str, root: Path) -> None:
 
 
 def load_raw(name: str, root: str | os.PathLike | None = None, *, download: bool = False) -> RawData:
-    """Read a dataset's files (a name of :data:`REGISTRY`) as uint8 arrays; ``download`` fetches missing ones."""
+    """Read a dataset's files (a name of :data:`REGISTRY`) as uint8 arrays; ``download`` fetches missing
+    ones."""
     if name not in REGISTRY:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     entry = REGISTRY[name]
@@ -511,7 +574,9 @@ def normalise(images: np.ndarray | Tensor, dataset: str, dtype: torch.dtype = to
     return (x - m) / s
 
 
-def select_subset(labels: np.ndarray, size: int, method: str = "first", seed: int = 0, num_classes: int = 10) -> np.ndarray:
+def select_subset(
+    labels: np.ndarray, size: int, method: str = "first", seed: int = 0, num_classes: int = 10
+) -> np.ndarray:
     """Indices (sorted, int64) of a subset of ``size`` samples; ``size <= 0`` or ``>= N`` keeps all.
 
     ``"first"``: the first ``size`` samples (what the reference does). ``"balanced"``: a seeded draw of
@@ -534,15 +599,22 @@ def select_subset(labels: np.ndarray, size: int, method: str = "first", seed: in
         pool = np.flatnonzero(labels == c)
         if len(pool) < per_class[c]:
             raise ValueError(
-                f"a balanced subset of {size} needs {per_class[c]} samples of class {c}, but only {len(pool)} exist"
+                f"a balanced subset of {size} needs {per_class[c]} samples of class {c}, but only "
+                f"{len(pool)} exist"
             )
         chosen.append(rng.choice(pool, per_class[c], replace=False))
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
 def split_indices(
-    labels: np.ndarray, train_size: int = 0, subset: str = "first", subset_seed: int = 0, *,
-    val_size: int = 0, val_seed: int = 0, num_classes: int = 10,
+    labels: np.ndarray,
+    train_size: int = 0,
+    subset: str = "first",
+    subset_seed: int = 0,
+    *,
+    val_size: int = 0,
+    val_seed: int = 0,
+    num_classes: int = 10,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Indices (sorted, int64) into the training file of the training subset and of the validation images.
 
@@ -550,7 +622,8 @@ def split_indices(
 
     * ``train_size > 0``: the training subset is exactly what it is without validation
       (:func:`select_subset`: the first ``train_size`` images, or the seeded balanced draw), so turning
-      validation on never changes what a run trains on; the ``val_size`` validation images are a uniform draw without
+      validation on never changes what a run trains on; the ``val_size`` validation images are a uniform draw
+      without
       replacement, seeded by ``val_seed``, from the images *outside* that subset. Needs
       ``train_size + val_size <= N``.
     * ``train_size = 0`` (all images): the validation images are that uniform draw from all ``N`` images, and
@@ -563,10 +636,15 @@ def split_indices(
         raise DataError(f"data.val_size must be an integer >= 0, got {val_size!r}")
     room = max(n - train_size, 0) if train_size > 0 else n - 1  # training keeps at least one image
     if val_size > room:
-        what = (f"data.train_size = {train_size} leaves {room} of the {n} training-file images"
-                if train_size > 0 else f"the training file has {n} images and training needs at least one")
-        raise DataError(f"data.val_size = {val_size} is too large: {what}; use data.val_size <= {room} "
-                        "(or a smaller data.train_size)")
+        what = (
+            f"data.train_size = {train_size} leaves {room} of the {n} training-file images"
+            if train_size > 0
+            else f"the training file has {n} images and training needs at least one"
+        )
+        raise DataError(
+            f"data.val_size = {val_size} is too large: {what}; use data.val_size <= {room} "
+            "(or a smaller data.train_size)"
+        )
     empty = np.zeros(0, dtype=np.int64)
     if val_size == 0:
         return select_subset(labels, train_size, subset, subset_seed, num_classes), empty
@@ -603,14 +681,22 @@ def load_dataset(
     raw = load_raw(name, root, download=download)
     for key, size, split in (("train_size", train_size, raw.train), ("test_size", test_size, raw.test)):
         if size > len(split.labels):
-            raise DataError(f"data.{key} = {size} exceeds the {len(split.labels)} images of {name}'s "
-                            f"{'training' if key == 'train_size' else 'test'} set; use at most {len(split.labels)}, or 0 for all")
-    train_idx, val_idx = split_indices(raw.train.labels, train_size, subset, subset_seed, val_size=val_size,
-                                       val_seed=val_seed)
+            raise DataError(
+                f"data.{key} = {size} exceeds the {len(split.labels)} images of {name}'s "
+                f"{'training' if key == 'train_size' else 'test'} set; use at most {len(split.labels)}, or 0 "
+                "for all"
+            )
+    train_idx, val_idx = split_indices(
+        raw.train.labels, train_size, subset, subset_seed, val_size=val_size, val_seed=val_seed
+    )
     test_idx = select_subset(raw.test.labels, test_size, "first")
 
     def make(split: RawSplit, idx: np.ndarray) -> Dataset:
-        return Dataset(normalise(split.images[idx], name, dtype), torch.from_numpy(split.labels[idx].copy()), torch.from_numpy(idx))
+        return Dataset(
+            normalise(split.images[idx], name, dtype),
+            torch.from_numpy(split.labels[idx].copy()),
+            torch.from_numpy(idx),
+        )
 
     val = make(raw.train, val_idx) if val_size else None
     train, test = make(raw.train, train_idx), make(raw.test, test_idx)
@@ -632,8 +718,10 @@ def random_resized_crop(
 ) -> Tensor:
     """Random-resized-crop of every image of a batch ``N × C × H × W``, back to ``H × W`` (bilinear).
 
-    Per image: draw an area fraction in ``scale`` and a log-uniform aspect ratio in ``ratio`` until the box fits
-    (up to ``attempts`` draws; otherwise the largest centred box with the ratio clamped to ``ratio``), place it
+    Per image: draw an area fraction in ``scale`` and a log-uniform aspect ratio in ``ratio`` until the box
+    fits
+    (up to ``attempts`` draws; otherwise the largest centred box with the ratio clamped to ``ratio``), place
+    it
     uniformly, crop and resize. The same recipe as torchvision's ``RandomResizedCrop``, written in torch:
     random numbers come from ``generator`` (a CPU generator), so a seeded run is reproducible on any device.
     """
@@ -673,4 +761,6 @@ def random_resized_crop(
     theta[:, 1, 2] = (2 * top + ch) / height - 1
     theta = theta.to(device=images.device, dtype=images.dtype)
     grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
-    return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return torch.nn.functional.grid_sample(
+        images, grid, mode="bilinear", padding_mode="border", align_corners=False
+    )

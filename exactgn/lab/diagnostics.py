@@ -2,14 +2,18 @@
 
 Kernel (NTK) on a fixed probe batch, computed exactly by :func:`exactgn.gn.ntk_gram`:
 
-* :func:`kernel_alignment` — ``⟨Θ_0, Θ_t⟩_F / (‖Θ_0‖_F ‖Θ_t‖_F)``, 1 when the kernel has not moved (up to scale).
-* :func:`ntk_rate` — the rate of change between two consecutive records ``(1 − alignment(Θ_prev, Θ_t)) / Δepochs``.
-* :func:`ntk_probe_cosine` — the reference study's cheaper *estimate*: the cosine between ``Θ_0 w`` and ``Θ_t w``
+* :func:`kernel_alignment` — ``⟨Θ_0, Θ_t⟩_F / (‖Θ_0‖_F ‖Θ_t‖_F)``, 1 when the kernel has not moved (up to
+scale).
+* :func:`ntk_rate` — the rate of change between two consecutive records ``(1 − alignment(Θ_prev, Θ_t)) /
+Δepochs``.
+* :func:`ntk_probe_cosine` — the reference study's cheaper *estimate*: the cosine between ``Θ_0 w`` and ``Θ_t
+w``
   for one fixed random probe vector ``w``.
 
 Representations (block outputs on a fixed probe batch):
 
-* :func:`linear_cka` — linear CKA, biased (centred HSIC) or unbiased (debiased HSIC of Song et al. 2012, as used
+* :func:`linear_cka` — linear CKA, biased (centred HSIC) or unbiased (debiased HSIC of Song et al. 2012, as
+used
   by Nguyen et al. 2021).
 * :func:`block_outputs`, :func:`representation_cka` — every coupling block's output state, and CKA between two
   models block by block (a model against its initialisation, or optimiser against optimiser).
@@ -19,13 +23,16 @@ excluded: they start at zero, so their relative change is undefined).
 
 Per-mini-batch loss change: :func:`loss_change_summary` summarises a run's ``steps.csv`` per epoch.
 
-Recording: :class:`DiagnosticsRecorder` (``on_epoch_end(epoch, model, optimizer) -> dict``) from a notebook or any
+Recording: :class:`DiagnosticsRecorder` (``on_epoch_end(epoch, model, optimizer) -> dict``) from a notebook or
+any
 loop; :func:`make_callback` gives ``exactgn train`` its ``[diagnostics]`` callback (``enabled``, ``every``,
-``probe_size``); :func:`diagnose_run` / ``exactgn diagnose RUN_DIR`` recompute the same records afterwards from
+``probe_size``); :func:`diagnose_run` / ``exactgn diagnose RUN_DIR`` recompute the same records afterwards
+from
 ``checkpoints/epoch_NNNN.pt``; :func:`runs_cka` compares two runs. The probe batch of a run is
 :func:`probe_inputs` (its first training images). Metric names are listed in :data:`METRIC_DOC`.
 
-Everything is computed in float64 by default (a float64 copy of a float32 model), against the model at epoch 0.
+Everything is computed in float64 by default (a float64 copy of a float32 model), against the model at epoch
+0.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ..gn import ntk_gram
 from ..metrics import (
     METRIC_DOC,
     as_float64,
@@ -57,15 +65,14 @@ from ..metrics import (
     weight_metrics,
     weight_rel_change,
 )
-from ..gn import ntk_gram
 from ..model import RevMLP
+from ..precision import dtype_from_name
 from . import data as datamod
 from . import rundir
 from .checkpoint import load_model
 from .config import read_run_config
 from .rundir import DIAGNOSTICS_FILE
 from .steppers import build_model
-from ..precision import dtype_from_name
 
 __all__ = [
     "METRIC_DOC",
@@ -123,8 +130,10 @@ def _quantile(sorted_vals: Sequence[float], q: float) -> float:
 def loss_change_summary(steps: str | os.PathLike | Iterable[Mapping[str, Any]]) -> list[dict[str, float]]:
     """Per-epoch summary of the per-mini-batch loss change ``100·(ℓ_after − ℓ_before)/ℓ_before``.
 
-    ``steps``: a path to ``steps.csv`` or rows with ``epoch`` and ``loss_change_pct``. Returns one dict per epoch
-    (ascending): ``epoch, count, mean, std, median, min, max, q05, q25, q75, q95``. Empty and non-finite values are
+    ``steps``: a path to ``steps.csv`` or rows with ``epoch`` and ``loss_change_pct``. Returns one dict per
+    epoch
+    (ascending): ``epoch, count, mean, std, median, min, max, q05, q25, q75, q95``. Empty and non-finite
+    values are
     skipped (``count`` says how many were used).
     """
     rows = read_steps_csv(steps) if isinstance(steps, (str, os.PathLike)) else steps
@@ -142,9 +151,13 @@ def loss_change_summary(steps: str | os.PathLike | Iterable[Mapping[str, Any]]) 
     for epoch in sorted(by_epoch):
         vals = sorted(by_epoch[epoch])
         rec: dict[str, float] = {
-            "epoch": epoch, "count": len(vals), "mean": statistics.fmean(vals),
-            "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0, "median": statistics.median(vals),
-            "min": vals[0], "max": vals[-1],
+            "epoch": epoch,
+            "count": len(vals),
+            "mean": statistics.fmean(vals),
+            "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0,
+            "median": statistics.median(vals),
+            "min": vals[0],
+            "max": vals[-1],
         }
         for q in _QUANTILES:
             rec[f"q{round(q * 100):02d}"] = _quantile(vals, q)
@@ -158,7 +171,8 @@ class DiagnosticsRecorder:
 
     Args:
         model_at_init: the :class:`RevMLP` at initialisation (only read, never kept; a snapshot is taken).
-        probe_inputs: the fixed probe batch (``B × d`` or images); the NTK is ``Bk × Bk``, so keep ``B`` modest
+        probe_inputs: the fixed probe batch (``B × d`` or images); the NTK is ``Bk × Bk``, so keep ``B``
+        modest
             (memory ``8(Bk)²`` bytes in float64: 128 samples and 10 classes take 13 MB).
         ntk, cka, weights: which groups of metrics to record.
         probe_seed: seed of the random vector ``w`` of ``ntk_probe_cosine``.
@@ -167,7 +181,8 @@ class DiagnosticsRecorder:
         dtype: dtype in which the diagnostics are computed (default float64, so that ``1 − alignment`` is
             meaningful near 1); ``None`` computes in the model's own dtype and needs no extra model copy.
 
-    ``on_epoch_end(epoch, model, optimizer)`` returns a flat ``dict[str, float]`` (names in :data:`METRIC_DOC`),
+    ``on_epoch_end(epoch, model, optimizer)`` returns a flat ``dict[str, float]`` (names in
+    :data:`METRIC_DOC`),
     including ``diagnostics_time_s``; ``optimizer`` is accepted for the training loop's callback signature and
     not used. The model is not modified and its mode/gradients are left alone.
     """
@@ -186,7 +201,9 @@ class DiagnosticsRecorder:
         dtype: torch.dtype | None = torch.float64,
     ) -> None:
         if not isinstance(model_at_init, RevMLP):
-            raise TypeError(f"DiagnosticsRecorder needs an exactgn.RevMLP, got {type(model_at_init).__name__}")
+            raise TypeError(
+                f"DiagnosticsRecorder needs an exactgn.RevMLP, got {type(model_at_init).__name__}"
+            )
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an integer >= 1, got {every!r}")
         self.ntk, self.cka, self.weights = ntk, cka, weights
@@ -202,13 +219,17 @@ class DiagnosticsRecorder:
         self._w = probe_vector(self._k0.shape[0], probe_seed).to(self._k0.device) if ntk else None
         self._outs0 = block_outputs(init, self.probe_inputs) if cka else None
         self._deltas0 = block_increments(init, self.probe_inputs) if cka else None
-        self._weights0 = {f"{k}.weight": v.clone() for k, v in half_layer_weights(init).items()} if weights else None
+        self._weights0 = (
+            {f"{k}.weight": v.clone() for k, v in half_layer_weights(init).items()} if weights else None
+        )
         self._prev: tuple[int, Tensor] | None = (init_epoch, self._k0) if ntk else None
         self.init_epoch = init_epoch
         self.setup_time_s = time.perf_counter() - start
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, probe_inputs: Tensor, **kwargs: Any) -> "DiagnosticsRecorder":
+    def from_checkpoint(
+        cls, path: str | os.PathLike, probe_inputs: Tensor, **kwargs: Any
+    ) -> "DiagnosticsRecorder":
         """A recorder whose initial model is read from an epoch checkpoint (``checkpoints/epoch_NNNN.pt``)."""
         model, epoch = load_checkpoint_model(path)
         kwargs.setdefault("init_epoch", epoch)
@@ -219,13 +240,18 @@ class DiagnosticsRecorder:
         if self.dtype is None or model.readout.dtype == self.dtype:
             return model
         device = model.readout.device
-        if self._scratch is None or self._scratch.config() != model.config() or self._scratch.readout.device != device:
+        if (
+            self._scratch is None
+            or self._scratch.config() != model.config()
+            or self._scratch.readout.device != device
+        ):
             self._scratch = RevMLP(**model.config(), dtype=self.dtype).to(device)
         self._scratch.load_state_dict(model.state_dict())
         return self._scratch
 
     def forget_previous(self) -> None:
-        """Drop the previous record's kernel, so that the next record has no ``ntk_rate`` (e.g. after a resume)."""
+        """Drop the previous record's kernel, so that the next record has no ``ntk_rate`` (e.g. after a
+        resume)."""
         self._prev = None
 
     def should_record(self, epoch: int) -> bool:
@@ -285,12 +311,19 @@ class TrainingDiagnostics:
 
     Wraps a :class:`DiagnosticsRecorder` created at the first call: at epoch 0 from the model as it is (the
     initialisation); on a resumed run from the initial model rebuilt from the configuration (initialisation is
-    deterministic in ``seed``). The first record after a resume has no ``ntk_rate`` (the previous kernel is not
+    deterministic in ``seed``). The first record after a resume has no ``ntk_rate`` (the previous kernel is
+    not
     kept across processes).
     """
 
-    def __init__(self, probe_inputs: Tensor, *, every: int = 1, init_model: Callable[[], RevMLP] | None = None,
-                 **recorder_kwargs: Any) -> None:
+    def __init__(
+        self,
+        probe_inputs: Tensor,
+        *,
+        every: int = 1,
+        init_model: Callable[[], RevMLP] | None = None,
+        **recorder_kwargs: Any,
+    ) -> None:
         self.probe_inputs = probe_inputs
         self.every = every
         self.init_model = init_model
@@ -304,11 +337,15 @@ class TrainingDiagnostics:
         if self.recorder is None:
             if epoch == 0 or self.init_model is None:
                 if epoch != 0:
-                    raise RuntimeError("diagnostics started after epoch 0 without a way to rebuild the initial model")
+                    raise RuntimeError(
+                        "diagnostics started after epoch 0 without a way to rebuild the initial model"
+                    )
                 init = model
             else:
                 init = self.init_model().to(model.readout.device)
-            self.recorder = DiagnosticsRecorder(init, self.probe_inputs, every=self.every, **self.recorder_kwargs)
+            self.recorder = DiagnosticsRecorder(
+                init, self.probe_inputs, every=self.every, **self.recorder_kwargs
+            )
             if epoch != 0:
                 self.recorder.forget_previous()  # resumed: no previous record in this process
         record = self.recorder.on_epoch_end(epoch, model, optimizer)
@@ -319,7 +356,8 @@ class TrainingDiagnostics:
 def make_callback(cfg: Any, data: Any) -> TrainingDiagnostics:
     """The training callback for ``[diagnostics] enabled = true`` (called by :func:`exactgn.lab.train.train`).
 
-    ``cfg``: the :class:`~exactgn.lab.config.RunConfig`; ``data``: the loaded :class:`~exactgn.lab.data.DataSplit`. The probe
+    ``cfg``: the :class:`~exactgn.lab.config.RunConfig`; ``data``: the loaded
+    :class:`~exactgn.lab.data.DataSplit`. The probe
     batch is the first ``diagnostics.probe_size`` training images (all of them if fewer), the same images that
     :func:`probe_inputs` gives ``exactgn diagnose``; records every ``diagnostics.every`` epochs.
     """
@@ -339,44 +377,60 @@ def load_checkpoint_model(path: str | os.PathLike) -> tuple[RevMLP, int]:
 
 
 def epoch_checkpoints(run_dir: str | os.PathLike) -> dict[int, Path]:
-    """Epoch → path of every ``checkpoints/epoch_NNNN.pt`` of a run; an error when the initial one is missing."""
+    """Epoch → path of every ``checkpoints/epoch_NNNN.pt`` of a run; an error when the initial one is
+    missing."""
     run = Path(run_dir)
     if not run.is_dir():
         raise FileNotFoundError(f"run folder {run} does not exist")
     found = rundir.epoch_checkpoints(run)
     if 0 not in found:
         raise FileNotFoundError(
-            f"run folder {run} has no {rundir.epoch_checkpoint(run, 0)} (the initial model); diagnostics from "
+            f"run folder {run} has no {rundir.epoch_checkpoint(run, 0)} (the initial model); diagnostics "
+            "from "
             "checkpoints need the run's epoch checkpoints: train with train.keep_checkpoints = true"
         )
     return found
 
 
 def probe_inputs(config: Any, size: int, *, root: str | os.PathLike | None = None) -> Tensor:
-    """The fixed probe batch of a run: the first ``size`` images of its training set, flattened (``size × d``).
+    """The fixed probe batch of a run: the first ``size`` images of its training set, flattened (``size ×
+    d``).
 
-    ``config``: a :class:`exactgn.lab.config.RunConfig` or its nested dict (a run's ``config.toml``). The training set is
+    ``config``: a :class:`exactgn.lab.config.RunConfig` or its nested dict (a run's ``config.toml``). The
+    training set is
     chosen exactly as training chooses it (``data.train_size``, ``data.subset``, ``data.subset_seed``,
     ``data.val_size``, ``data.val_seed``), without
     augmentation, and normalised with the reference statistics in the model's dtype (``model.dtype``), so the
-    values are bit-identical to training's; if the training set has fewer than ``size`` images, all of them. The data root is ``root``, else ``data.root``,
+    values are bit-identical to training's; if the training set has fewer than ``size`` images, all of them.
+    The data root is ``root``, else ``data.root``,
     else ``$EXACTGN_DATA``. The training loop and ``exactgn diagnose`` both use this function, so they see the
     same probe.
     """
     section = config.get("data", {}) if isinstance(config, Mapping) else getattr(config, "data", None)
-    get = section.get if isinstance(section, Mapping) else (lambda key, default: getattr(section, key, default))
+    get = (
+        section.get if isinstance(section, Mapping) else (lambda key, default: getattr(section, key, default))
+    )
     name = get("dataset", "mnist-small")
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"probe size must be a positive integer, got {size!r}")
     raw = datamod.load_raw(name, root if root is not None else (get("root", "") or None))
-    idx, _ = datamod.split_indices(raw.train.labels, get("train_size", 0), get("subset", "first"),
-                                   get("subset_seed", 0), val_size=get("val_size", 0),
-                                   val_seed=get("val_seed", 0))
+    idx, _ = datamod.split_indices(
+        raw.train.labels,
+        get("train_size", 0),
+        get("subset", "first"),
+        get("subset_seed", 0),
+        val_size=get("val_size", 0),
+        val_seed=get("val_seed", 0),
+    )
     size = min(size, len(idx))  # a training set smaller than the probe: all of it (as in training)
     model = config.get("model", {}) if isinstance(config, Mapping) else getattr(config, "model", None)
-    dtype_name = model.get("dtype", "float32") if isinstance(model, Mapping) else getattr(model, "dtype", "float32")
+    dtype_name = (
+        model.get("dtype", "float32") if isinstance(model, Mapping) else getattr(model, "dtype", "float32")
+    )
     dtype = dtype_from_name(dtype_name)
-    images = datamod.normalise(raw.train.images[idx[:size]], name, dtype)  # as training normalises, same dtype
+    images = datamod.normalise(
+        raw.train.images[idx[:size]], name, dtype
+    )  # as training normalises, same dtype
     return images.reshape(size, -1)
 
 
@@ -399,15 +453,19 @@ def runs_cka(
     unbiased: bool = False,
     data_root: str | os.PathLike | None = None,
 ) -> dict[str, float]:
-    """Linear CKA of every block's output between two runs (e.g. optimiser against optimiser), ``{"block0": ...}``.
+    """Linear CKA of every block's output between two runs (e.g. optimiser against optimiser), ``{"block0":
+    ...}``.
 
-    Compares the models at ``epoch`` (default: each run's final model, ``checkpoints/last.pt``) on ``probe_inputs``
+    Compares the models at ``epoch`` (default: each run's final model, ``checkpoints/last.pt``) on
+    ``probe_inputs``
     or the first ``probe_size`` training images of ``run_a``'s dataset. Both runs must use the same dataset.
     """
     ca, cb = read_run_config(run_a), read_run_config(run_b)
     da, db = ca.get("data", {}).get("dataset"), cb.get("data", {}).get("dataset")
     if da != db:
-        raise ValueError(f"runs {run_a} and {run_b} use different datasets ({da} and {db}); CKA needs the same inputs")
+        raise ValueError(
+            f"runs {run_a} and {run_b} use different datasets ({da} and {db}); CKA needs the same inputs"
+        )
     if probe_inputs is None:
         probe_inputs = _probe_inputs(ca, probe_size, root=data_root)
     model_a, _ = load_run_model(run_a, epoch)
@@ -429,8 +487,9 @@ def _run_probe_size(run: Path) -> Any:
 def _diagnostics_target(run: Path, out: Any, overwrite: bool) -> Path | None:
     target = None if out is False else Path(out) if out is not None else rundir.diagnostics_path(run)
     if target is not None and target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; pass --overwrite (overwrite=True) to replace it, "
-                              "or --out FILE")
+        raise FileExistsError(
+            f"{target} already exists; pass --overwrite (overwrite=True) to replace it, or --out FILE"
+        )
     return target
 
 
@@ -449,10 +508,13 @@ def diagnose_run(
     """Recompute the diagnostics of a run from its epoch checkpoints; returns the records (one per epoch).
 
     Uses ``checkpoints/epoch_0000.pt`` as the initial model and every checkpoint whose epoch is a multiple of
-    ``every``. ``probe_size`` defaults to the run's ``diagnostics.probe_size`` (so the records match those made
+    ``every``. ``probe_size`` defaults to the run's ``diagnostics.probe_size`` (so the records match those
+    made
     during training), else :data:`DEFAULT_PROBE_SIZE`. The probe batch is ``probe_inputs`` (capped at
-    ``probe_size`` rows) or, by default, the first ``probe_size`` training images of the run's dataset (:func:`probe_inputs`, data root ``data_root``, else the
-    run's ``data.root``, else ``$EXACTGN_DATA``). Writes the records as JSON lines to ``out`` (default ``RUN_DIR/diagnostics.jsonl``; an existing
+    ``probe_size`` rows) or, by default, the first ``probe_size`` training images of the run's dataset
+    (:func:`probe_inputs`, data root ``data_root``, else the
+    run's ``data.root``, else ``$EXACTGN_DATA``). Writes the records as JSON lines to ``out`` (default
+    ``RUN_DIR/diagnostics.jsonl``; an existing
     file is replaced only with ``overwrite=True``); ``out=False`` writes nothing.
     """
     run = Path(run_dir)
@@ -463,8 +525,9 @@ def diagnose_run(
     target = _diagnostics_target(run, out, overwrite)
     if probe_inputs is None:
         probe_inputs = _probe_inputs(read_run_config(run), probe_size, root=data_root)
-    recorder = DiagnosticsRecorder.from_checkpoint(ckpts[0], probe_inputs[:probe_size], every=every,
-                                                   **recorder_kwargs)
+    recorder = DiagnosticsRecorder.from_checkpoint(
+        ckpts[0], probe_inputs[:probe_size], every=every, **recorder_kwargs
+    )
     epochs: Iterable[int] = [e for e in ckpts if e % every == 0]
     if progress:
         from tqdm import tqdm  # noqa: PLC0415

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-
 from ..metrics import representation_cka
 from .checkpoint import read_payload
 from .config import read_toml

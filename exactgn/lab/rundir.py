@@ -3,7 +3,8 @@
 Paths (:func:`config_path`, :func:`meta_path`, :func:`last_checkpoint`, :func:`epoch_checkpoint`, ...), the
 CSV + JSON-lines logs (:class:`RunLog` writes, :func:`read_rows` / :func:`read_jsonl` read), ``meta.json``
 (:func:`write_meta`, :func:`read_meta`, :func:`meta_value`) and the provenance every writer records
-(:func:`provenance`, one set of key names). Every row is flushed as it is written, so a crash loses at most the
+(:func:`provenance`, one set of key names). Every row is flushed as it is written, so a crash loses at most
+the
 row being written; readers skip a torn last line. ``meta.json`` is replaced atomically.
 """
 
@@ -59,12 +60,30 @@ __all__ = [
 ]
 
 STEP_FIELDS = (
-    "epoch", "step", "global_step", "batch_size", "lr", "loss", "accuracy", "loss_after", "loss_change_pct",
+    "epoch",
+    "step",
+    "global_step",
+    "batch_size",
+    "lr",
+    "loss",
+    "accuracy",
+    "loss_after",
+    "loss_change_pct",
     "step_time_s",
 )
 EPOCH_FIELDS = (
-    "epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "epoch_time_s", "wall_time_s",
-    "mean_loss_change_pct", "eval_time_s", "global_step", "val_loss", "val_accuracy",
+    "epoch",
+    "train_loss",
+    "train_accuracy",
+    "test_loss",
+    "test_accuracy",
+    "epoch_time_s",
+    "wall_time_s",
+    "mean_loss_change_pct",
+    "eval_time_s",
+    "global_step",
+    "val_loss",
+    "val_accuracy",
 )
 
 
@@ -90,7 +109,8 @@ def meta_path(run_dir: str | os.PathLike) -> Path:
 
 
 def log_path(run_dir: str | os.PathLike, table: str, suffix: str = "csv") -> Path:
-    """``RUN/<table>.<suffix>`` for ``table`` in ``steps``, ``epochs`` and ``suffix`` in ``csv``, ``jsonl``."""
+    """``RUN/<table>.<suffix>`` for ``table`` in ``steps``, ``epochs`` and ``suffix`` in ``csv``,
+    ``jsonl``."""
     return Path(run_dir) / f"{table}.{suffix}"
 
 
@@ -157,8 +177,13 @@ def meta_value(meta: dict[str, Any], key: str) -> Any:
 def git_revision() -> str | None:
     """The git commit of the exactgn checkout, or ``None`` outside a git checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -197,10 +222,17 @@ def provenance(device: Any = "cpu") -> dict[str, Any]:
     from .. import __version__  # noqa: PLC0415
 
     return {
-        "exactgn_version": __version__, "git_revision": git_revision(), "torch_version": torch.__version__,
-        "python_version": platform.python_version(), "cuda_version": torch.version.cuda,
-        "platform": platform.platform(), "machine": platform.machine(), "hostname": socket.gethostname(),
-        "device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
+        "exactgn_version": __version__,
+        "git_revision": git_revision(),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "cuda_version": torch.version.cuda,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "hostname": socket.gethostname(),
+        "device": str(device),
+        "device_name": device_name(device),
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -295,13 +327,19 @@ def _number(text: str) -> Any:
         value = float(text)
     except ValueError:
         return text
-    return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() and "n" not in text.lower() else value
+    return (
+        int(value)
+        if value.is_integer() and "." not in text and "e" not in text.lower() and "n" not in text.lower()
+        else value
+    )
 
 
 def _torn(path: Path, number: int, last: int, what: str) -> None:
     """A malformed last line is a write cut short by a crash: skipped. Anywhere else it is an error."""
     if number != last:
-        raise ValueError(f"{path}, line {number}: {what}; the file is corrupt (only a torn last line is skipped)")
+        raise ValueError(
+            f"{path}, line {number}: {what}; the file is corrupt (only a torn last line is skipped)"
+        )
 
 
 def read_rows(path: str | os.PathLike, required: Iterable[str] = ()) -> list[dict[str, Any]]:
@@ -330,7 +368,8 @@ def read_rows(path: str | os.PathLike, required: Iterable[str] = ()) -> list[dic
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Records of a JSON-lines file (``null`` stays ``None``); a torn last line is skipped, blank lines too."""
+    """Records of a JSON-lines file (``null`` stays ``None``); a torn last line is skipped, blank lines
+    too."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -372,7 +411,8 @@ def truncate_logs(run_dir: str | os.PathLike, global_step: int, epochs_done: int
     """Drop log rows written after a checkpoint (steps past ``global_step``, epochs and diagnostics past
     ``epochs_done``), so that a resumed run's logs read as if it had never stopped."""
     run_dir = Path(run_dir)
-    keep_step = lambda r: isinstance(r.get("global_step"), int) and r["global_step"] <= global_step  # noqa: E731
+    # noqa: E731
+    keep_step = lambda r: isinstance(r.get("global_step"), int) and r["global_step"] <= global_step
     keep_epoch = lambda r: isinstance(r.get("epoch"), int) and r["epoch"] <= epochs_done  # noqa: E731
     for name, fields, keep in (("steps", STEP_FIELDS, keep_step), ("epochs", EPOCH_FIELDS, keep_epoch)):
         csv_path = log_path(run_dir, name)
@@ -416,9 +456,12 @@ class _Table:
 
 class RunLog:
     """The logs of one run folder: ``steps``, ``epochs``, ``diagnostics.jsonl`` and (when tensorboard is
-    installed) TensorBoard event files. ``purge_step``: TensorBoard drops events from that step on (resume)."""
+    installed) TensorBoard event files. ``purge_step``: TensorBoard drops events from that step on
+    (resume)."""
 
-    def __init__(self, run_dir: str | os.PathLike, *, tensorboard: bool = True, purge_step: int | None = None) -> None:
+    def __init__(
+        self, run_dir: str | os.PathLike, *, tensorboard: bool = True, purge_step: int | None = None
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.steps = _Table(self.run_dir, "steps", STEP_FIELDS)
         self.epochs = _Table(self.run_dir, "epochs", EPOCH_FIELDS)

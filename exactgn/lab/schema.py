@@ -2,8 +2,10 @@
 
 Run configurations (:mod:`exactgn.lab.config`), sweep files and study files (:mod:`exactgn.lab.specs`) are
 :class:`Table` models: unknown keys are refused (with a close match suggested), types are strict (an integer
-is accepted for a float, nothing else is converted), and :func:`validate_table` turns pydantic's errors into one
-:class:`ConfigError` whose message starts with the dotted key, e.g. ``optim.lr: expected a number, got 'abc'``.
+is accepted for a float, nothing else is converted), and :func:`validate_table` turns pydantic's errors into
+one
+:class:`ConfigError` whose message starts with the dotted key, e.g. ``optim.lr: expected a number, got
+'abc'``.
 """
 
 from __future__ import annotations
@@ -131,7 +133,8 @@ def _message(cls: type[BaseModel], error: dict[str, Any]) -> str:
 
 
 def validate_table(cls: type[T], data: Any, context: dict[str, Any] | None = None) -> T:
-    """``cls`` validated from nested dicts; :class:`ConfigError` naming the dotted key of the first problem."""
+    """``cls`` validated from nested dicts; :class:`ConfigError` naming the dotted key of the first
+    problem."""
     try:
         return cls.model_validate(data, context=context)
     except ValidationError as exc:

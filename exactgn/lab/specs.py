@@ -114,12 +114,13 @@ class Resources(Table):
     def _check(self) -> Resources:
         gpus = self.gpus_per_trial
         if gpus != "auto" and (isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or gpus < 0):
-            raise ValueError(f"resources.gpus_per_trial: must be \"auto\" or a number >= 0, got {gpus!r}")
+            raise ValueError(f'resources.gpus_per_trial: must be "auto" or a number >= 0, got {gpus!r}')
         return self
 
 
 class RayTable(Table):
-    """``[ray]``: ``address = ""`` starts a local Ray instance; ``"auto"`` or ``"ray://HOST:10001"`` joins one."""
+    """``[ray]``: ``address = ""`` starts a local Ray instance; ``"auto"`` or ``"ray://HOST:10001"`` joins
+    one."""
 
     address: str = ""
 
@@ -146,7 +147,9 @@ class SweepFile(Table):
             raise ValueError('random: [random] needs method = "random"')
         if self.method == "random" and not self.random:
             raise ValueError('method: method = "random" needs a [random] table')
-        overlap = (set(self.grid) & set(self.random)) | (set(self.fixed) & (set(self.grid) | set(self.random)))
+        overlap = (set(self.grid) & set(self.random)) | (
+            set(self.fixed) & (set(self.grid) | set(self.random))
+        )
         if overlap:
             raise ValueError(f"key(s) {sorted(overlap)} appear in more than one of [set], [grid], [random]")
         return self
@@ -172,7 +175,9 @@ class StudyRunTable(Table):
         if self.init_epoch is not None and self.init_from is None:
             raise ValueError("init_epoch: needs init_from (the run whose epoch checkpoint to start from)")
         if self.init_from is not None and "model.init_from" in self.fixed:
-            raise ValueError("init_from: give either init_from (an earlier run) or model.init_from (a path), not both")
+            raise ValueError(
+                "init_from: give either init_from (an earlier run) or model.init_from (a path), not both"
+            )
         return self
 
 

@@ -89,7 +89,9 @@ class GradientStepper:
         rows = as_target_rows(y, self.model.num_classes, y.shape[0], logits, self.loss)
         before = loss_value(logits, rows, self.loss)
         if not torch.isfinite(before):
-            raise Diverged(f"the batch loss is {before.item()} before the step; the parameters were left unchanged")
+            raise Diverged(
+                f"the batch loss is {before.item()} before the step; the parameters were left unchanged"
+            )
         before.backward()
         self.optimizer.step()
         sums = torch.stack([p.detach().sum() for p in self.model.parameters()])
@@ -101,8 +103,17 @@ class GradientStepper:
 def _gn(cfg: RunConfig, model: RevMLP) -> Stepper:
     o, g = cfg.optim, cfg.optim.gn
     opt = GaussNewton(
-        model, lr=o.lr, loss=cfg.train.loss, hessian=g.hessian, inverse=g.inverse, rtol=g.rtol, atol=g.atol,
-        damping=g.damping, least_squares=g.least_squares, weight_decay=o.weight_decay, noise=g.noise,
+        model,
+        lr=o.lr,
+        loss=cfg.train.loss,
+        hessian=g.hessian,
+        inverse=g.inverse,
+        rtol=g.rtol,
+        atol=g.atol,
+        damping=g.damping,
+        least_squares=g.least_squares,
+        weight_decay=o.weight_decay,
+        noise=g.noise,
         solve_dtype=None if g.solve_dtype == "model" else g.solve_dtype,
     )
     return GNStepper(opt)
@@ -110,22 +121,34 @@ def _gn(cfg: RunConfig, model: RevMLP) -> Stepper:
 
 def _adam(cfg: RunConfig, model: RevMLP) -> Stepper:
     o = cfg.optim
-    opt = torch.optim.Adam(model.parameters(), lr=o.lr, betas=tuple(o.adam.betas), eps=o.adam.eps,
-                           weight_decay=o.weight_decay)
+    opt = torch.optim.Adam(
+        model.parameters(), lr=o.lr, betas=tuple(o.adam.betas), eps=o.adam.eps, weight_decay=o.weight_decay
+    )
     return GradientStepper(opt, model, cfg.train.loss)
 
 
 def _adamw(cfg: RunConfig, model: RevMLP) -> Stepper:
     o = cfg.optim
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.adamw.betas), eps=o.adamw.eps,
-                            weight_decay=o.weight_decay, amsgrad=o.adamw.amsgrad)
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=o.lr,
+        betas=tuple(o.adamw.betas),
+        eps=o.adamw.eps,
+        weight_decay=o.weight_decay,
+        amsgrad=o.adamw.amsgrad,
+    )
     return GradientStepper(opt, model, cfg.train.loss)
 
 
 def _sgd(cfg: RunConfig, model: RevMLP) -> Stepper:
     o = cfg.optim
-    opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.sgd.momentum, nesterov=o.sgd.nesterov,
-                          weight_decay=o.weight_decay)
+    opt = torch.optim.SGD(
+        model.parameters(),
+        lr=o.lr,
+        momentum=o.sgd.momentum,
+        nesterov=o.sgd.nesterov,
+        weight_decay=o.weight_decay,
+    )
     return GradientStepper(opt, model, cfg.train.loss)
 
 
@@ -142,8 +165,14 @@ def build_model(cfg: RunConfig, features: int, num_classes: int) -> RevMLP:
     """The RevMLP of ``cfg.model`` for inputs of ``features`` and ``num_classes`` outputs, on the CPU."""
     m = cfg.model
     return RevMLP(
-        features, num_classes, m.blocks, m.hidden if m.bottleneck else None, bias=m.bias, init_std=m.init_std,
-        seed=cfg.seed, dtype=dtype_from_name(m.dtype),
+        features,
+        num_classes,
+        m.blocks,
+        m.hidden if m.bottleneck else None,
+        bias=m.bias,
+        init_std=m.init_std,
+        seed=cfg.seed,
+        dtype=dtype_from_name(m.dtype),
     )
 
 
@@ -166,9 +195,13 @@ def check_gn_batch(cfg: RunConfig, model: RevMLP, batch: int) -> None:
     try:
         check_exactness(model, batch, g.inverse, g.least_squares or bool(g.rtol or g.atol or g.damping))
     except InexactStepError as exc:
-        fix = ("Set optim.gn.least_squares = true (least-squares step), turn on truncation (optim.gn.rtol/atol) "
-               "or damping, or use a smaller train.batch_size")
-        raise ConfigError(f"optim.gn: batches of {batch} are too large for an exact step: {exc} {fix}") from None
+        fix = (
+            "Set optim.gn.least_squares = true (least-squares step), turn on truncation (optim.gn.rtol/atol) "
+            "or damping, or use a smaller train.batch_size"
+        )
+        raise ConfigError(
+            f"optim.gn: batches of {batch} are too large for an exact step: {exc} {fix}"
+        ) from None
 
 
 def finite_loss(value: Any) -> float:

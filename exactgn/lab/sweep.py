@@ -25,12 +25,15 @@ A sweep file names a base run configuration and the keys to vary::
     gpus_per_trial = "auto"             # 1 when CUDA is available, else 0
 
     [ray]
-    address = ""                        # "" starts a local Ray instance; "auto" or "ray://HOST:10001" joins one
+    address = ""                        # "" starts a local Ray instance; "auto" or "ray://HOST:10001" joins
+    one
 
-Trials are drawn here, not by Ray, so both back-ends run exactly the same trials. Each trial is an ordinary run
+Trials are drawn here, not by Ray, so both back-ends run exactly the same trials. Each trial is an ordinary
+run
 folder ``OUT/trial-NNN`` (``docs/run-folder.md``); ``OUT/sweep.json`` lists the trials and their overrides and
 ``OUT/results.csv`` their final and best results. Running the same sweep again skips finished trials and
-resumes interrupted ones. On a multi-machine Ray cluster, ``OUT`` must be on a filesystem every node can write.
+resumes interrupted ones. On a multi-machine Ray cluster, ``OUT`` must be on a filesystem every node can
+write.
 """
 
 from __future__ import annotations
@@ -46,11 +49,12 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig, find_config, load_config, read_toml, toml_value
+from .rundir import atomic_write_text, run_state
 from .schema import validate_table
 from .specs import BACKENDS, SweepFile
-from .rundir import atomic_write_text, run_state
 
 __all__ = ["SweepSpec", "Trial", "load_sweep", "make_trials", "run_sweep"]
+
 
 @dataclass
 class SweepSpec:
@@ -99,7 +103,8 @@ def _base(path: Path, base: str) -> Path:
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
-    """Read and check a sweep file (:class:`exactgn.lab.specs.SweepFile`); every error names the file and the key.
+    """Read and check a sweep file (:class:`exactgn.lab.specs.SweepFile`); every error names the file and the
+    key.
 
     Every trial's run configuration is built too, so a bad key or value fails now, not after hours of trials.
     """
@@ -111,10 +116,18 @@ def load_sweep(path: str | Path) -> SweepSpec:
     except ConfigError as exc:
         raise _fail(str(path), str(exc).removeprefix(f"{path}: ")) from None
     spec = SweepSpec(
-        name=file.name, base=_base(path, file.base), method=file.method, samples=file.samples, seed=file.seed,
-        backend=file.backend, description=file.description, fixed=dict(file.fixed), grid=dict(file.grid),
+        name=file.name,
+        base=_base(path, file.base),
+        method=file.method,
+        samples=file.samples,
+        seed=file.seed,
+        backend=file.backend,
+        description=file.description,
+        fixed=dict(file.fixed),
+        grid=dict(file.grid),
         random={key: {kind: arg} for key, (kind, arg) in file.distributions().items()},
-        cpus_per_trial=file.resources.cpus_per_trial, gpus_per_trial=file.resources.gpus_per_trial,
+        cpus_per_trial=file.resources.cpus_per_trial,
+        gpus_per_trial=file.resources.gpus_per_trial,
         ray_address=file.ray.address,
     )
     for trial in make_trials(spec):
@@ -149,7 +162,8 @@ def make_trials(spec: SweepSpec) -> list[Trial]:
 
 
 def _trial_config(spec: SweepSpec, trial: Trial) -> RunConfig:
-    """The base config with the sweep's fixed overrides, the trial's own, and one torch thread per trial CPU."""
+    """The base config with the sweep's fixed overrides, the trial's own, and one torch thread per trial
+    CPU."""
     overrides = {**spec.fixed, **trial.overrides, "train.threads": spec.cpus_per_trial}
     return load_config(spec.base, overrides)
 
@@ -210,7 +224,9 @@ def _run_sequential(spec_path: Path, out: Path, trials: list[Trial], progress: b
     return results
 
 
-def _run_ray(spec: SweepSpec, spec_path: Path, out: Path, trials: list[Trial], progress: bool) -> list[dict[str, Any]]:
+def _run_ray(
+    spec: SweepSpec, spec_path: Path, out: Path, trials: list[Trial], progress: bool
+) -> list[dict[str, Any]]:
     import signal
 
     import ray
@@ -219,7 +235,9 @@ def _run_ray(spec: SweepSpec, spec_path: Path, out: Path, trials: list[Trial], p
     sigint = signal.getsignal(signal.SIGINT)  # Ray installs its own handler; give Ctrl-C back afterwards
     started = False
     if not ray.is_initialized():
-        kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=progress, configure_logging=False)
+        kwargs: dict[str, Any] = dict(
+            include_dashboard=False, log_to_driver=progress, configure_logging=False
+        )
         if spec.ray_address:
             ray.init(address=spec.ray_address, **kwargs)
         else:
@@ -231,12 +249,16 @@ def _run_ray(spec: SweepSpec, spec_path: Path, out: Path, trials: list[Trial], p
         def exactgn_trial(config: dict[str, Any]) -> None:
             index = config["trial"]
             summary = run_trial(str(spec_path), str(out), index, overrides[index])
-            tune.report({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            tune.report(
+                {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            )
 
         tuner = tune.Tuner(
             tune.with_resources(exactgn_trial, {"cpu": spec.cpus_per_trial, "gpu": _gpus(spec)}),
             param_space={"trial": tune.grid_search([t.index for t in trials])},
-            run_config=tune.RunConfig(name="tune", storage_path=str((out / "ray").resolve()), verbose=1 if progress else 0),
+            run_config=tune.RunConfig(
+                name="tune", storage_path=str((out / "ray").resolve()), verbose=1 if progress else 0
+            ),
         )
         grid = tuner.fit()
         errors = [r.error for r in grid if r.error is not None]
@@ -248,12 +270,26 @@ def _run_ray(spec: SweepSpec, spec_path: Path, out: Path, trials: list[Trial], p
         signal.signal(signal.SIGINT, sigint)
     from .compare import summarise_run
 
-    return [{**summarise_run(out / t.name), "trial": t.name, "overrides": describe_overrides(t.overrides)} for t in trials]
+    return [
+        {**summarise_run(out / t.name), "trial": t.name, "overrides": describe_overrides(t.overrides)}
+        for t in trials
+    ]
 
 
-RESULT_FIELDS = ("trial", "overrides", "status", "epochs", "final_train_loss", "final_train_accuracy",
-                 "final_test_loss", "final_test_accuracy", "best_test_accuracy", "best_test_accuracy_epoch",
-                 "wall_time_s", "run_dir")
+RESULT_FIELDS = (
+    "trial",
+    "overrides",
+    "status",
+    "epochs",
+    "final_train_loss",
+    "final_train_accuracy",
+    "final_test_loss",
+    "final_test_accuracy",
+    "best_test_accuracy",
+    "best_test_accuracy_epoch",
+    "wall_time_s",
+    "run_dir",
+)
 
 
 def run_sweep(
@@ -268,17 +304,26 @@ def run_sweep(
     if backend == "auto":
         backend = "ray" if _ray_available() else "sequential"
     if backend == "ray" and not _ray_available():
-        raise ImportError("backend 'ray' needs Ray Tune: pip install 'exactgn[ray]' (or use backend = \"sequential\")")
+        raise ImportError(
+            "backend 'ray' needs Ray Tune: pip install 'exactgn[ray]' (or use backend = \"sequential\")"
+        )
     out = Path(out or Path("sweeps") / spec.name).resolve()
     out.mkdir(parents=True, exist_ok=True)
     trials = make_trials(spec)
-    listing = {"name": spec.name, "sweep_file": str(spec_path), "base": str(spec.base), "backend": backend,
-               "trials": [{"trial": t.name, "overrides": t.overrides} for t in trials]}
+    listing = {
+        "name": spec.name,
+        "sweep_file": str(spec_path),
+        "base": str(spec.base),
+        "backend": backend,
+        "trials": [{"trial": t.name, "overrides": t.overrides} for t in trials],
+    }
     previous = out / "sweep.json"
     if previous.is_file():
         old = json.loads(previous.read_text())
         if old.get("trials") != listing["trials"]:
-            raise ValueError(f"{out} holds a different sweep (its sweep.json lists other trials); choose another --out")
+            raise ValueError(
+                f"{out} holds a different sweep (its sweep.json lists other trials); choose another --out"
+            )
     atomic_write_text(previous, json.dumps(listing, indent=2) + "\n")
     if backend == "ray":
         results = _run_ray(spec, spec_path, out, trials, progress)

@@ -1,12 +1,14 @@
 """One training loop for Gauss–Newton, Adam and SGD, full-batch and mini-batch, on any device.
 
-:func:`train` runs a :class:`~exactgn.lab.config.RunConfig` into a run folder (``docs/run-folder.md``): per-step and
+:func:`train` runs a :class:`~exactgn.lab.config.RunConfig` into a run folder (``docs/run-folder.md``):
+per-step and
 per-epoch logs, checkpoints every ``train.checkpoint_every`` epochs, at the end and on Ctrl-C, and
 ``--resume``. On the CPU a resumed run ends with bit-identical weights to an uninterrupted one.
 
 Stopping:
 
-* Ctrl-C: the step in progress is finished, a checkpoint of the exact position (mid-epoch included) is written,
+* Ctrl-C: the step in progress is finished, a checkpoint of the exact position (mid-epoch included) is
+written,
   ``meta.json`` says ``interrupted``, and :class:`TrainingInterrupted` (a ``KeyboardInterrupt``) is raised.
   A second Ctrl-C during a step aborts at once without writing (the last checkpoint stays valid).
 * A non-finite loss or parameter (or :class:`~exactgn.NonFiniteError` from the GN step) stops the run with
@@ -48,7 +50,18 @@ from .checkpoint import (
     save_checkpoint,
     save_weights,
 )
-from .config import RESUMABLE_KEYS, ConfigError, RunConfig, flatten, from_dict, load_config, replace_key, with_overrides, to_dict, write_config
+from .config import (
+    RESUMABLE_KEYS,
+    ConfigError,
+    RunConfig,
+    flatten,
+    from_dict,
+    load_config,
+    replace_key,
+    to_dict,
+    with_overrides,
+    write_config,
+)
 from .data import DataSplit, load_dataset, random_resized_crop
 from .diagnostics import make_callback
 from .rundir import (
@@ -59,9 +72,9 @@ from .rundir import (
     last_checkpoint,
     meta_path,
     provenance,
-    utc_now,
     read_meta,
     truncate_logs,
+    utc_now,
     write_meta,
 )
 from .steppers import Diverged, Stepper, build_model, build_stepper, check_gn_batch, finite_loss
@@ -88,12 +101,25 @@ class EpochCallback(Protocol):
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on Ctrl-C. ``run_dir``: the run folder; ``saved``: whether a checkpoint of the exact
-    position was written (otherwise the previous checkpoint, at epoch ``epochs_done``, is the resume point)."""
+    position was written (otherwise the previous checkpoint, at epoch ``epochs_done``, is the resume
+    point)."""
 
     def __init__(self, run_dir: Path, saved: bool, epochs_done: int, global_step: int) -> None:
-        where = "a checkpoint of this position was saved" if saved else f"the checkpoint of epoch {epochs_done} is kept"
-        super().__init__(f"training interrupted at step {global_step}; {where}; resume with: exactgn train --resume {run_dir}")
-        self.run_dir, self.saved, self.epochs_done, self.global_step = run_dir, saved, epochs_done, global_step
+        where = (
+            "a checkpoint of this position was saved"
+            if saved
+            else f"the checkpoint of epoch {epochs_done} is kept"
+        )
+        super().__init__(
+            f"training interrupted at step {global_step}; {where}; resume with: exactgn train --resume "
+            f"{run_dir}"
+        )
+        self.run_dir, self.saved, self.epochs_done, self.global_step = (
+            run_dir,
+            saved,
+            epochs_done,
+            global_step,
+        )
 
 
 # ---------------------------------------------------------------------------- building blocks
@@ -103,7 +129,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {name!r} was asked for, but torch sees no CUDA device; use cpu or auto")
+        raise ConfigError(
+            f"train.device: {name!r} was asked for, but torch sees no CUDA device; use cpu or auto"
+        )
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"train.device: {name!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
     if device.type == "mps" and not torch.backends.mps.is_available():
@@ -112,7 +140,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model: RevMLP, images: Tensor, labels: Tensor, loss: str, batch_size: int) -> tuple[float, float]:
+def evaluate(
+    model: RevMLP, images: Tensor, labels: Tensor, loss: str, batch_size: int
+) -> tuple[float, float]:
     """Mean loss and accuracy of ``model`` over ``images`` (``N × ...``) and class ``labels`` (``N``)."""
     model.eval()
     n = labels.shape[0]
@@ -154,7 +184,10 @@ class _InterruptGuard:
         self._previous: Any = None
 
     def install(self) -> None:
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        ):
             self._previous = signal.signal(signal.SIGINT, self._handler)
 
     def uninstall(self) -> None:
@@ -165,9 +198,12 @@ class _InterruptGuard:
     def _handler(self, signum: int, frame: Any) -> None:
         if self.critical and not self.pending:
             self.pending = True
-            print("\nCtrl-C: finishing this step, then saving a checkpoint "
-                  "(Ctrl-C again aborts without saving)",
-                  file=sys.stderr, flush=True)
+            print(
+                "\nCtrl-C: finishing this step, then saving a checkpoint "
+                "(Ctrl-C again aborts without saving)",
+                file=sys.stderr,
+                flush=True,
+            )
             return
         raise KeyboardInterrupt
 
@@ -201,9 +237,14 @@ class _Position:
 
     def payload(self) -> dict[str, Any]:
         return {
-            "epochs_done": self.epochs_done, "global_step": self.global_step, "epoch": self.epoch,
-            "steps_done": self.steps_done, "perm": self.perm, "change_sum": self.change_sum,
-            "change_count": self.change_count, "epoch_time": self.epoch_time,
+            "epochs_done": self.epochs_done,
+            "global_step": self.global_step,
+            "epoch": self.epoch,
+            "steps_done": self.steps_done,
+            "perm": self.perm,
+            "change_sum": self.change_sum,
+            "change_count": self.change_count,
+            "epoch_time": self.epoch_time,
         }
 
     @classmethod
@@ -275,8 +316,12 @@ class _Run:
         self.segment_start = time.perf_counter()
 
     def update_meta(self, **changes: Any) -> None:
-        self.meta.update(changes, epochs_done=max(self.pos.epochs_done, 0), global_step=self.pos.global_step,
-                         wall_time_s=round(self.wall(), 3))
+        self.meta.update(
+            changes,
+            epochs_done=max(self.pos.epochs_done, 0),
+            global_step=self.pos.global_step,
+            wall_time_s=round(self.wall(), 3),
+        )
         write_meta(self.run_dir, self.meta)
 
     # -------------------------------------------------------------- one step
@@ -284,7 +329,9 @@ class _Run:
         idx = perm[step * self.batch : (step + 1) * self.batch].to(self.device)
         x, y = self.data.train.images[idx], self.data.train.labels[idx]
         if self.cfg.data.augment:
-            x = random_resized_crop(x, self.data_gen, tuple(self.cfg.data.crop_scale), tuple(self.cfg.data.crop_ratio))
+            x = random_resized_crop(
+                x, self.data_gen, tuple(self.cfg.data.crop_scale), tuple(self.cfg.data.crop_ratio)
+            )
         return x, y
 
     def _take_step(self, x: Tensor, y: Tensor) -> tuple[float, float, Tensor | None]:
@@ -302,7 +349,10 @@ class _Run:
             if issubclass(w.category, GramFallbackWarning):
                 count = self.meta.get("gram_fallback_steps", 0)
                 if count == 0:
-                    _write(f"warning: {w.message} (further fall-backs are counted in meta.json: gram_fallback_steps)")
+                    _write(
+                        f"warning: {w.message} (further fall-backs are counted in meta.json: "
+                        "gram_fallback_steps)"
+                    )
                 self.meta["gram_fallback_steps"] = count + 1
                 break
         for w in caught:
@@ -333,9 +383,13 @@ class _Run:
                 if self.cfg.train.loss_after:
                     with torch.no_grad():
                         logits = self.model(x)
-                        after = float(loss_value(logits, as_target_rows(y, k, y.shape[0], logits, loss_name), loss_name))
+                        after = float(
+                            loss_value(logits, as_target_rows(y, k, y.shape[0], logits, loss_name), loss_name)
+                        )
                     if not math.isfinite(after):
-                        raise Diverged(f"epoch {epoch}, step {step + 1}: the batch loss after the step is {after}")
+                        raise Diverged(
+                            f"epoch {epoch}, step {step + 1}: the batch loss after the step is {after}"
+                        )
                     change = 100.0 * (after - loss) / loss if loss != 0 else None
                 pos.global_step += 1
                 pos.steps_done = step + 1
@@ -343,11 +397,20 @@ class _Run:
                 if change is not None:
                     pos.change_sum += change
                     pos.change_count += 1
-                self.log.step(dict(
-                    epoch=epoch, step=step + 1, global_step=pos.global_step, batch_size=int(y.shape[0]),
-                    lr=float(self.optimizer.param_groups[0]["lr"]), loss=loss, accuracy=acc, loss_after=after,
-                    loss_change_pct=change, step_time_s=step_time,
-                ))
+                self.log.step(
+                    dict(
+                        epoch=epoch,
+                        step=step + 1,
+                        global_step=pos.global_step,
+                        batch_size=int(y.shape[0]),
+                        lr=float(self.optimizer.param_groups[0]["lr"]),
+                        loss=loss,
+                        accuracy=acc,
+                        loss_after=after,
+                        loss_change_pct=change,
+                        step_time_s=step_time,
+                    )
+                )
                 if self.bar is not None:
                     self.bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
                     self.bar.update(1)
@@ -356,23 +419,50 @@ class _Run:
         """Evaluate, log the epoch's row, run the callbacks, checkpoint when due."""
         cfg, pos = self.cfg, self.pos
         start = time.perf_counter()
-        tr_loss, tr_acc = evaluate(self.model, self.data.train.images, self.data.train.labels, cfg.train.loss, cfg.train.eval_batch_size)
-        te_loss, te_acc = evaluate(self.model, self.data.test.images, self.data.test.labels, cfg.train.loss, cfg.train.eval_batch_size)
+        tr_loss, tr_acc = evaluate(
+            self.model,
+            self.data.train.images,
+            self.data.train.labels,
+            cfg.train.loss,
+            cfg.train.eval_batch_size,
+        )
+        te_loss, te_acc = evaluate(
+            self.model,
+            self.data.test.images,
+            self.data.test.labels,
+            cfg.train.loss,
+            cfg.train.eval_batch_size,
+        )
         va_loss = va_acc = None
         if self.data.val is not None:
-            va_loss, va_acc = evaluate(self.model, self.data.val.images, self.data.val.labels, cfg.train.loss,
-                                       cfg.train.eval_batch_size)
+            va_loss, va_acc = evaluate(
+                self.model,
+                self.data.val.images,
+                self.data.val.labels,
+                cfg.train.loss,
+                cfg.train.eval_batch_size,
+            )
         eval_time = time.perf_counter() - start
         row = dict(
-            epoch=epoch, train_loss=tr_loss, train_accuracy=tr_acc, test_loss=te_loss, test_accuracy=te_acc,
-            epoch_time_s=pos.epoch_time if epoch > 0 else 0.0, wall_time_s=self.wall(),
+            epoch=epoch,
+            train_loss=tr_loss,
+            train_accuracy=tr_acc,
+            test_loss=te_loss,
+            test_accuracy=te_acc,
+            epoch_time_s=pos.epoch_time if epoch > 0 else 0.0,
+            wall_time_s=self.wall(),
             mean_loss_change_pct=pos.change_sum / pos.change_count if pos.change_count else None,
-            eval_time_s=eval_time, global_step=pos.global_step, val_loss=va_loss, val_accuracy=va_acc,
+            eval_time_s=eval_time,
+            global_step=pos.global_step,
+            val_loss=va_loss,
+            val_accuracy=va_acc,
         )
         self.log.epoch(row)
         if self.progress:
-            _write(f"epoch {epoch:>4}/{cfg.train.epochs}  train loss {tr_loss:.4f} acc {tr_acc:.4f}  "
-                   f"test loss {te_loss:.4f} acc {te_acc:.4f}  ({row['epoch_time_s']:.1f} s)")
+            _write(
+                f"epoch {epoch:>4}/{cfg.train.epochs}  train loss {tr_loss:.4f} acc {tr_acc:.4f}  "
+                f"test loss {te_loss:.4f} acc {te_acc:.4f}  ({row['epoch_time_s']:.1f} s)"
+            )
         for cb in self.callbacks:
             hook = getattr(cb, "on_epoch_end", None)
             if hook is None:
@@ -381,8 +471,13 @@ class _Run:
             record = hook(epoch, self.model, self.optimizer)
             if record:  # None or {}: nothing to record this epoch
                 if not isinstance(record, dict):
-                    raise TypeError(f"{type(cb).__name__}.on_epoch_end must return a dict or None, got {type(record).__name__}")
-                self.log.diagnostic({"epoch": epoch, **record, "diagnostics_time_s": time.perf_counter() - t0})
+                    raise TypeError(
+                        f"{type(cb).__name__}.on_epoch_end must return a dict or None, got "
+                        f"{type(record).__name__}"
+                    )
+                self.log.diagnostic(
+                    {"epoch": epoch, **record, "diagnostics_time_s": time.perf_counter() - t0}
+                )
         pos.epochs_done = epoch
         pos.epoch, pos.steps_done, pos.perm = None, 0, None
         every = cfg.train.checkpoint_every
@@ -423,7 +518,9 @@ def _prepare_new(cfg: RunConfig, out_dir: str | os.PathLike | None) -> Path:
     return run_dir
 
 
-def _resume_config(run_dir: Path, overrides: Sequence[str] | dict[str, Any]) -> tuple[RunConfig, dict[str, Any]]:
+def _resume_config(
+    run_dir: Path, overrides: Sequence[str] | dict[str, Any]
+) -> tuple[RunConfig, dict[str, Any]]:
     """The run's own config with the (few) overrides that a resume may change."""
     cfg_path = config_path(run_dir)
     if not cfg_path.is_file():
@@ -432,8 +529,10 @@ def _resume_config(run_dir: Path, overrides: Sequence[str] | dict[str, Any]) -> 
     items = overrides.items() if isinstance(overrides, dict) else [o.split("=", 1) for o in overrides]
     for key, _ in items:
         if key.strip() not in RESUMABLE_KEYS:
-            raise ConfigError(f"--set {key.strip()}: cannot be changed when resuming (only "
-                              f"{', '.join(RESUMABLE_KEYS)}); start a new run instead")
+            raise ConfigError(
+                f"--set {key.strip()}: cannot be changed when resuming (only "
+                f"{', '.join(RESUMABLE_KEYS)}); start a new run instead"
+            )
     return load_config(cfg_path, overrides), meta
 
 
@@ -468,8 +567,15 @@ def _start(cfg: RunConfig | None, out_dir: Any, resume: Any, overrides: Any) -> 
 def _load_data(cfg: RunConfig, device: torch.device) -> DataSplit:
     d = cfg.data
     data = load_dataset(
-        d.dataset, d.root or None, train_size=d.train_size, test_size=d.test_size, subset=d.subset,
-        subset_seed=d.subset_seed, val_size=d.val_size, val_seed=d.val_seed, download=d.download,
+        d.dataset,
+        d.root or None,
+        train_size=d.train_size,
+        test_size=d.test_size,
+        subset=d.subset,
+        subset_seed=d.subset_seed,
+        val_size=d.val_size,
+        val_seed=d.val_seed,
+        download=d.download,
         dtype=dtype_from_name(cfg.model.dtype),
     )
     val = data.val.to(device) if data.val is not None else None
@@ -478,21 +584,37 @@ def _load_data(cfg: RunConfig, device: torch.device) -> DataSplit:
 
 def _new_meta(cfg: RunConfig, device: torch.device, data: DataSplit, batch: int) -> dict[str, Any]:
     return {
-        **provenance(device), "start_time": utc_now(), "end_time": None, "status": "running", "epochs_done": 0,
-        "global_step": 0, "epochs": cfg.train.epochs, "name": cfg.name, "optimiser": cfg.optim.name,
-        "dataset": cfg.data.dataset, "data_source": data.source, "train_size": len(data.train),
-        "test_size": len(data.test), "batch_size": batch, "val_size": len(data.val) if data.val is not None else 0,
-        "steps_per_epoch": None, "message": None, "resumed": [],
+        **provenance(device),
+        "start_time": utc_now(),
+        "end_time": None,
+        "status": "running",
+        "epochs_done": 0,
+        "global_step": 0,
+        "epochs": cfg.train.epochs,
+        "name": cfg.name,
+        "optimiser": cfg.optim.name,
+        "dataset": cfg.data.dataset,
+        "data_source": data.source,
+        "train_size": len(data.train),
+        "test_size": len(data.test),
+        "batch_size": batch,
+        "val_size": len(data.val) if data.val is not None else 0,
+        "steps_per_epoch": None,
+        "message": None,
+        "resumed": [],
     }
 
 
 def _open_logs(start: _Start, device: torch.device, data: DataSplit, batch: int) -> RunLog:
-    """Write ``config.toml`` and the first ``meta.json`` (or trim the logs of a resumed run); open the logs."""
+    """Write ``config.toml`` and the first ``meta.json`` (or trim the logs of a resumed run); open the
+    logs."""
     cfg, run_dir, meta = start.cfg, start.run_dir, start.meta
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_dir(run_dir).mkdir(exist_ok=True)
-    header = (f"Resolved configuration of this run (exactgn {__version__}). Every key is listed; rerun with:\n"
-              f"  exactgn train {config_path(run_dir)} --out NEW_DIR")
+    header = (
+        f"Resolved configuration of this run (exactgn {__version__}). Every key is listed; rerun with:\n"
+        f"  exactgn train {config_path(run_dir)} --out NEW_DIR"
+    )
     write_config(cfg, config_path(run_dir), header)  # on resume: train.epochs etc. may have changed
     if start.payload is None:
         meta.update(_new_meta(cfg, device, data, batch))
@@ -529,7 +651,9 @@ def _build_run(start: _Start, callbacks: Sequence[EpochCallback], progress: bool
     if payload is None:
         _seed_everything(cfg.seed)
     log = _open_logs(start, device, data, batch)
-    run = _Run(cfg, start.run_dir, data, model, stepper, device, data_gen, log, start.meta, all_callbacks, progress)
+    run = _Run(
+        cfg, start.run_dir, data, model, stepper, device, data_gen, log, start.meta, all_callbacks, progress
+    )
     if payload is not None:
         run.restore(payload)
     start.meta["steps_per_epoch"] = run.steps_per_epoch
@@ -542,13 +666,23 @@ def _loop(run: _Run, guard: _InterruptGuard, progress: bool, epoch_lines: bool) 
 
     cfg = run.cfg
     total = cfg.train.epochs * run.steps_per_epoch
-    run.bar = tqdm(total=total, initial=min(run.pos.global_step, total), disable=not progress, unit="step",
-                   dynamic_ncols=True, file=sys.stderr, desc=f"{cfg.name}/{cfg.optim.name}", leave=epoch_lines)
+    run.bar = tqdm(
+        total=total,
+        initial=min(run.pos.global_step, total),
+        disable=not progress,
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
+        desc=f"{cfg.name}/{cfg.optim.name}",
+        leave=epoch_lines,
+    )
     try:
         if run.pos.epochs_done < 0:
             run.end_epoch(0)
         for epoch in range(run.pos.epochs_done + 1, cfg.train.epochs + 1):
-            run.bar.set_description(f"{cfg.name}/{cfg.optim.name} epoch {epoch}/{cfg.train.epochs}", refresh=False)
+            run.bar.set_description(
+                f"{cfg.name}/{cfg.optim.name} epoch {epoch}/{cfg.train.epochs}", refresh=False
+            )
             run.run_epoch(epoch, guard)
             run.end_epoch(epoch)
     finally:
@@ -556,9 +690,12 @@ def _loop(run: _Run, guard: _InterruptGuard, progress: bool, epoch_lines: bool) 
 
 
 def _stop_diverged(run: _Run, exc: Diverged) -> None:
-    msg = (f"run diverged ({exc}); training stopped. The last good checkpoint (epoch "
-           f"{max(run.pos.epochs_done, 0)}) is kept in {checkpoint_dir(run.run_dir)}. Try a smaller optim.lr, or "
-           "truncation/damping for GN.")
+    msg = (
+        f"run diverged ({exc}); training stopped. The last good checkpoint (epoch "
+        f"{max(run.pos.epochs_done, 0)}) is kept in {checkpoint_dir(run.run_dir)}. Try a smaller optim.lr, "
+        "or "
+        "truncation/damping for GN."
+    )
     run.update_meta(status="diverged", end_time=utc_now(), message=msg)
     print(f"exactgn: {msg}", file=sys.stderr, flush=True)
 
@@ -586,7 +723,8 @@ def train(
     progress: bool = True,
     epoch_lines: bool = True,
 ) -> Path:
-    """Train as ``cfg`` says, into ``out_dir`` (default ``runs/<name>-<optimiser>-<time>``); returns the run folder.
+    """Train as ``cfg`` says, into ``out_dir`` (default ``runs/<name>-<optimiser>-<time>``); returns the run
+    folder.
 
     ``resume``: continue the run in that folder from its last checkpoint instead (``cfg`` must be ``None``;
     ``overrides`` may change only :data:`RESUMABLE_KEYS`, e.g. ``train.epochs`` to train longer).
@@ -620,21 +758,29 @@ def train(
 def _check_resumable(cfg: RunConfig, meta: dict[str, Any], payload: dict[str, Any], run_dir: Path) -> None:
     status = meta.get("status")
     if status == "diverged":
-        raise ValueError(f"{run_dir} diverged; resuming would repeat the same steps. Start a new run with a smaller "
-                         "learning rate (exactgn train CONFIG --set optim.lr=...)")
+        raise ValueError(
+            f"{run_dir} diverged; resuming would repeat the same steps. Start a new run with a smaller "
+            "learning rate (exactgn train CONFIG --set optim.lr=...)"
+        )
     if status == "finished" and payload["epoch"] >= cfg.train.epochs:
-        raise ValueError(f"{run_dir} already finished all {cfg.train.epochs} epochs; to train longer, resume with "
-                         f"--set train.epochs=N (N > {cfg.train.epochs})")
+        raise ValueError(
+            f"{run_dir} already finished all {cfg.train.epochs} epochs; to train longer, resume with "
+            f"--set train.epochs=N (N > {cfg.train.epochs})"
+        )
     saved = to_dict(from_dict(payload["config"]))  # defaults filled in: keys added since the run started
     now = to_dict(cfg)
     for key in flatten(now):
         if key in RESUMABLE_KEYS:
             continue
         if _lookup(saved, key) != _lookup(now, key):
-            raise ValueError(f"{config_path(run_dir)}: {key} is {_lookup(now, key)!r} but the checkpoint was made with "
-                             f"{_lookup(saved, key)!r}; a resumed run must keep its configuration")
+            raise ValueError(
+                f"{config_path(run_dir)}: {key} is {_lookup(now, key)!r} but the checkpoint was made with "
+                f"{_lookup(saved, key)!r}; a resumed run must keep its configuration"
+            )
     if payload["epoch"] > cfg.train.epochs:
-        raise ValueError(f"train.epochs = {cfg.train.epochs} is below the {payload['epoch']} epochs already done")
+        raise ValueError(
+            f"train.epochs = {cfg.train.epochs} is below the {payload['epoch']} epochs already done"
+        )
 
 
 def _lookup(d: dict[str, Any], key: str) -> Any:

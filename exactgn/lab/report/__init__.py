@@ -1,7 +1,9 @@
 """``exactgn report``: PNG figures and one self-contained HTML page from run folders (docs/run-folder.md).
 
-Runs are grouped into *panels* by dataset and batch setting (full-batch when ``train.batch_size`` is 0 or covers
-the whole training set, else mini-batch), and within a panel into *series*: runs whose configurations are equal
+Runs are grouped into *panels* by dataset and batch setting (full-batch when ``train.batch_size`` is 0 or
+covers
+the whole training set, else mini-batch), and within a panel into *series*: runs whose configurations are
+equal
 apart from seeds (any key ending in ``seed``) and bookkeeping keys (``exactgn.lab.config.BOOKKEEPING_KEYS``,
 and the diagnostics settings). A series of several seeds is drawn as the mean over seeds with a shaded band:
 min–max over seeds by default, or ±1 standard deviation (``band="std"``).
@@ -20,9 +22,29 @@ from .figures import Figure, cross_cka_figure, panel_figures
 from .figures import cross_cka as compute_cross_cka
 from .html import matched_section
 from .html import page as html_page
-from .runs import Panel, ReportError, Run, Series, aggregate_seeds, find_runs, group_runs, load_run, run_labels
+from .runs import (
+    Panel,
+    ReportError,
+    Run,
+    Series,
+    aggregate_seeds,
+    find_runs,
+    group_runs,
+    load_run,
+    run_labels,
+)
 
-__all__ = ["ReportError", "Run", "Series", "Panel", "find_runs", "load_run", "group_runs", "aggregate_seeds", "make_report"]
+__all__ = [
+    "ReportError",
+    "Run",
+    "Series",
+    "Panel",
+    "find_runs",
+    "load_run",
+    "group_runs",
+    "aggregate_seeds",
+    "make_report",
+]
 
 
 def make_report(
@@ -36,11 +58,14 @@ def make_report(
     data_root: str | None = None,
     matched_loss: float | None = None,
 ) -> Path:
-    """Write ``out/index.html`` (self-contained: figures embedded) and the figures as ``out/*.png``; returns the
-    HTML path. ``paths``: run folders or folders that contain run folders. ``band``: ``"minmax"`` or ``"std"``.
+    """Write ``out/index.html`` (self-contained: figures embedded) and the figures as ``out/*.png``; returns
+    the
+    HTML path. ``paths``: run folders or folders that contain run folders. ``band``: ``"minmax"`` or
+    ``"std"``.
 
     ``cross_cka``: also compute linear CKA between the final models (``checkpoints/last.pt``) of every pair of
-    series of a dataset, on its first ``probe_size`` training images (needs the data; root ``data_root``, else the
+    series of a dataset, on its first ``probe_size`` training images (needs the data; root ``data_root``, else
+    the
     runs' ``data.root``, else ``$EXACTGN_DATA``).
 
     ``matched_loss``: with several runs, add the table "diagnostics at matched training loss" (each run's

@@ -1,7 +1,9 @@
 """The report's figures (matplotlib, imported when a figure is drawn): per panel, and CKA between series.
 
-Per panel: train/test loss and accuracy per epoch; the per-mini-batch loss change per epoch; and, where the runs
-have ``diagnostics.jsonl``: NTK alignment (with the reference's random-probe estimate) and rate of change, CKA of
+Per panel: train/test loss and accuracy per epoch; the per-mini-batch loss change per epoch; and, where the
+runs
+have ``diagnostics.jsonl``: NTK alignment (with the reference's random-probe estimate) and rate of change, CKA
+of
 every block against initialisation, and the weight change of every half-layer (the metrics of
 :data:`exactgn.metrics.METRIC_DOC`).
 """
@@ -38,8 +40,18 @@ def _figure(ncols: int, nrows: int = 1, width: float = 4.2, height: float = 3.2)
     return fig, [ax for row in axes for ax in row]
 
 
-def _draw(ax, series: Sequence[Series], rows_of, key: str, band: str, *, log: bool = False,
-          style: str = "-", label_suffix: str = "", colours: dict[str, Any]) -> bool:
+def _draw(
+    ax,
+    series: Sequence[Series],
+    rows_of,
+    key: str,
+    band: str,
+    *,
+    log: bool = False,
+    style: str = "-",
+    label_suffix: str = "",
+    colours: dict[str, Any],
+) -> bool:
     drawn = False
     for s in series:
         curve = aggregate_seeds([rows_of(r) for r in s.runs], key, band)
@@ -49,7 +61,9 @@ def _draw(ax, series: Sequence[Series], rows_of, key: str, band: str, *, log: bo
         if log and (min(lo + mean) <= 0 or max(hi + mean) / min(lo + mean) < 20):
             log = False  # log scale only for positive values spanning more than a factor of 20
         colour = colours[s.label]
-        ax.plot(xs, mean, style, color=colour, label=s.label + label_suffix, marker="." if len(xs) < 30 else None)
+        ax.plot(
+            xs, mean, style, color=colour, label=s.label + label_suffix, marker="." if len(xs) < 30 else None
+        )
         if len(s.runs) > 1:
             ax.fill_between(xs, lo, hi, color=colour, alpha=0.2, linewidth=0)
         drawn = True
@@ -77,8 +91,14 @@ def _save(fig, path: Path) -> bytes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
     if handles:
-        fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 3),
-                   fontsize=8, frameon=False)
+        fig.legend(
+            list(handles.values()),
+            list(handles),
+            loc="outside lower center",
+            ncols=min(len(handles), 3),
+            fontsize=8,
+            frameon=False,
+        )
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     data = buf.getvalue()
@@ -136,29 +156,48 @@ def _loss_change_means(run: Run) -> list[dict[str, Any]]:
 
 def _curves(ctx: _Panel) -> Figure:
     fig, axes = _figure(4)
-    for ax, (key, title, log) in zip(axes, [
-        ("train_loss", "train loss", True), ("test_loss", "test loss", True),
-        ("train_accuracy", "train accuracy", False), ("test_accuracy", "test accuracy", False),
-    ]):
+    for ax, (key, title, log) in zip(
+        axes,
+        [
+            ("train_loss", "train loss", True),
+            ("test_loss", "test loss", True),
+            ("train_accuracy", "train accuracy", False),
+            ("test_accuracy", "test accuracy", False),
+        ],
+    ):
         _finish(ax, title, key.replace("_", " "), ctx.draw(ax, ctx.panel.series, _epochs, key, log=log))
     fig.suptitle(ctx.panel.title, fontsize=11)
-    return ctx.save(fig, "curves", "Loss and accuracy",
-                    f"Per epoch (epoch 0 = before training); {ctx.band_text}.")
+    return ctx.save(
+        fig, "curves", "Loss and accuracy", f"Per epoch (epoch 0 = before training); {ctx.band_text}."
+    )
 
 
 def _loss_change(ctx: _Panel) -> Figure:
     fig, axes = _figure(2)
     series = ctx.panel.series
-    _finish(axes[0], "mean over the epoch's steps", "loss change (%)",
-            ctx.draw(axes[0], series, _loss_change_means, "mean"))
-    _finish(axes[1], "median over the epoch's steps", "loss change (%)",
-            ctx.draw(axes[1], series, lambda r: r.loss_change or [], "median"))
+    _finish(
+        axes[0],
+        "mean over the epoch's steps",
+        "loss change (%)",
+        ctx.draw(axes[0], series, _loss_change_means, "mean"),
+    )
+    _finish(
+        axes[1],
+        "median over the epoch's steps",
+        "loss change (%)",
+        ctx.draw(axes[1], series, lambda r: r.loss_change or [], "median"),
+    )
     for ax in axes:
         ax.axhline(0.0, color="black", linewidth=0.6)
-    fig.suptitle(f"Per-mini-batch loss change 100·(ℓ_after − ℓ_before)/ℓ_before\n{ctx.panel.title}", fontsize=10)
-    return ctx.save(fig, "loss-change", "Per-mini-batch loss change",
-                    "Change of the loss on the same mini-batch across one step, summarised per epoch; "
-                    f"{ctx.band_text}.")
+    fig.suptitle(
+        f"Per-mini-batch loss change 100·(ℓ_after − ℓ_before)/ℓ_before\n{ctx.panel.title}", fontsize=10
+    )
+    return ctx.save(
+        fig,
+        "loss-change",
+        "Per-mini-batch loss change",
+        f"Change of the loss on the same mini-batch across one step, summarised per epoch; {ctx.band_text}.",
+    )
 
 
 def _ntk(ctx: _Panel, series: list[Series]) -> Figure:
@@ -166,14 +205,26 @@ def _ntk(ctx: _Panel, series: list[Series]) -> Figure:
     d0 = ctx.draw(axes[0], series, _diagnostics, "ntk_alignment")
     ctx.draw(axes[0], series, _diagnostics, "ntk_probe_cosine", style="--", label_suffix=" (probe estimate)")
     _finish(axes[0], "NTK similarity to initialisation", "alignment  (dashed: cos(Θ0w, Θtw))", d0)
-    _finish(axes[1], "NTK rate of change", "(1 − alignment(prev, now)) / epoch",
-            ctx.draw(axes[1], series, _diagnostics, "ntk_rate", log=True))
-    _finish(axes[2], "NTK relative change", "‖Θt − Θ0‖ / ‖Θ0‖",
-            ctx.draw(axes[2], series, _diagnostics, "ntk_rel_change"))
+    _finish(
+        axes[1],
+        "NTK rate of change",
+        "(1 − alignment(prev, now)) / epoch",
+        ctx.draw(axes[1], series, _diagnostics, "ntk_rate", log=True),
+    )
+    _finish(
+        axes[2],
+        "NTK relative change",
+        "‖Θt − Θ0‖ / ‖Θ0‖",
+        ctx.draw(axes[2], series, _diagnostics, "ntk_rel_change"),
+    )
     fig.suptitle(f"Exact empirical NTK on the probe batch\n{ctx.panel.title}", fontsize=10)
-    return ctx.save(fig, "ntk", "NTK",
-                    "Kernel alignment ⟨Θ0, Θt⟩/(‖Θ0‖‖Θt‖) of the exact NTK (solid) and the reference's "
-                    f"random-probe estimate (dashed); rate of change between consecutive records; {ctx.band_text}.")
+    return ctx.save(
+        fig,
+        "ntk",
+        "NTK",
+        "Kernel alignment ⟨Θ0, Θt⟩/(‖Θ0‖‖Θt‖) of the exact NTK (solid) and the reference's "
+        f"random-probe estimate (dashed); rate of change between consecutive records; {ctx.band_text}.",
+    )
 
 
 def _metric_names(series: list[Series]) -> set[str]:
@@ -181,20 +232,28 @@ def _metric_names(series: list[Series]) -> set[str]:
 
 
 def _cka(ctx: _Panel, series: list[Series]) -> Figure | None:
-    blocks = sorted({int(m.group(1)) for k in _metric_names(series) if (m := re.fullmatch(r"cka/block(\d+)", k))})
+    blocks = sorted(
+        {int(m.group(1)) for k in _metric_names(series) if (m := re.fullmatch(r"cka/block(\d+)", k))}
+    )
     if not blocks:
         return None
     fig, axes = _figure(len(blocks), width=3.6)
     for ax, block in zip(axes, blocks):
         drawn = ctx.draw(ax, series, _diagnostics, f"cka/block{block}")
-        ctx.draw(ax, series, _diagnostics, f"cka_unbiased/block{block}", style="--", label_suffix=" (unbiased)")
+        ctx.draw(
+            ax, series, _diagnostics, f"cka_unbiased/block{block}", style="--", label_suffix=" (unbiased)"
+        )
         ctx.draw(ax, series, _diagnostics, f"cka_delta/block{block}", style=":", label_suffix=" (increment)")
         _finish(ax, f"block {block}", "linear CKA vs. init", drawn)
     fig.suptitle(f"Linear CKA of each block's output against initialisation\n{ctx.panel.title}", fontsize=10)
-    return ctx.save(fig, "cka", "CKA per block",
-                    "Biased (solid) and unbiased (dashed) linear CKA of each block's output on the probe batch, "
-                    "and biased CKA of what the block adds to the state, z_l − z_{l−1} (dotted; without the "
-                    f"identity skip, which keeps output CKA near 1 when the branches are small); {ctx.band_text}.")
+    return ctx.save(
+        fig,
+        "cka",
+        "CKA per block",
+        "Biased (solid) and unbiased (dashed) linear CKA of each block's output on the probe batch, "
+        "and biased CKA of what the block adds to the state, z_l − z_{l−1} (dotted; without the "
+        f"identity skip, which keeps output CKA near 1 when the branches are small); {ctx.band_text}.",
+    )
 
 
 def _natural(name: str) -> list[Any]:
@@ -203,18 +262,28 @@ def _natural(name: str) -> list[Any]:
 
 def _weights(ctx: _Panel, series: list[Series]) -> Figure | None:
     prefix = "weight_rel_change/"
-    layers = sorted({k.removeprefix(prefix) for k in _metric_names(series)
-                     if k.startswith(prefix) and k != prefix + "all"}, key=_natural)
+    layers = sorted(
+        {
+            k.removeprefix(prefix)
+            for k in _metric_names(series)
+            if k.startswith(prefix) and k != prefix + "all"
+        },
+        key=_natural,
+    )
     if not layers:
         return None
     fig, axes = _figure(len(layers), nrows=2, width=3.4, height=2.8)
     for ax, layer in zip(axes[: len(layers)], layers):
         _finish(ax, layer, "‖Wt − W0‖ / ‖W0‖", ctx.draw(ax, series, _diagnostics, f"{prefix}{layer}"))
-    for ax, layer in zip(axes[len(layers):], layers):
+    for ax, layer in zip(axes[len(layers) :], layers):
         _finish(ax, layer, "cos(Wt, W0)", ctx.draw(ax, series, _diagnostics, f"weight_cosine/{layer}"))
     fig.suptitle(f"Weight change per half-layer (weights only, no bias)\n{ctx.panel.title}", fontsize=10)
-    return ctx.save(fig, "weights", "Weight change per half-layer",
-                    f"Relative change (top) and cosine similarity with the initial weights (bottom); {ctx.band_text}.")
+    return ctx.save(
+        fig,
+        "weights",
+        "Weight change per half-layer",
+        f"Relative change (top) and cosine similarity with the initial weights (bottom); {ctx.band_text}.",
+    )
 
 
 def panel_figures(panel: Panel, out: Path, band: str) -> list[Figure]:
@@ -234,7 +303,8 @@ def panel_figures(panel: Panel, out: Path, band: str) -> list[Figure]:
 # ---------------------------------------------------------------------------- CKA between optimisers
 @dataclass
 class CrossCKA:
-    """Linear CKA between the final models of the series of one dataset, per block (matrices series × series)."""
+    """Linear CKA between the final models of the series of one dataset, per block (matrices series ×
+    series)."""
 
     dataset: str
     labels: list[str]
@@ -259,18 +329,21 @@ def _series_by_dataset(panels: Sequence[Panel]) -> dict[str, list[tuple[str, Ser
         for s in panel.series:
             runs = [r for r in s.runs if last_checkpoint(r.path).is_file()]
             if runs:
-                by_dataset.setdefault(panel.dataset, []).append((f"{panel.setting}: {s.label}",
-                                                                  Series(s.label, runs, s.key)))
+                by_dataset.setdefault(panel.dataset, []).append(
+                    (f"{panel.setting}: {s.label}", Series(s.label, runs, s.key))
+                )
     return by_dataset
 
 
 def _pairs(si: Series, sj: Series, same: bool) -> list[tuple[Run, Run]]:
     if same:  # seed against seed within one series: the baseline of run-to-run variation
-        return [(a, b) for k, a in enumerate(si.runs) for b in si.runs[k + 1:]]
+        return [(a, b) for k, a in enumerate(si.runs) for b in si.runs[k + 1 :]]
     return _pair_runs(si, sj)
 
 
-def _cka_matrices(entries: list[tuple[str, Series]], outs: dict[Path, list[Any]], blocks: int) -> dict[bool, Any]:
+def _cka_matrices(
+    entries: list[tuple[str, Series]], outs: dict[Path, list[Any]], blocks: int
+) -> dict[bool, Any]:
     n = len(entries)
     mats = {ub: [[[math.nan] * n for _ in range(n)] for _ in range(blocks)] for ub in (False, True)}
     for i, (_, si) in enumerate(entries):
@@ -278,8 +351,9 @@ def _cka_matrices(entries: list[tuple[str, Series]], outs: dict[Path, list[Any]]
             pairs = _pairs(si, entries[j][1], i == j)
             for ub in (False, True) if pairs else ():
                 for block in range(blocks):
-                    v = statistics.fmean(linear_cka(outs[a.path][block], outs[b.path][block], unbiased=ub)
-                                         for a, b in pairs)
+                    v = statistics.fmean(
+                        linear_cka(outs[a.path][block], outs[b.path][block], unbiased=ub) for a, b in pairs
+                    )
                     mats[ub][block][i][j] = mats[ub][block][j][i] = v
     return mats
 
@@ -293,11 +367,16 @@ def cross_cka(panels: Sequence[Panel], probe_size: int, data_root: str | None) -
         if len(entries) < 2 and all(len(s.runs) < 2 for _, s in entries):
             continue
         probe = probe_inputs(entries[0][1].runs[0].config, probe_size, root=data_root).to(torch.float64)
-        outs = {r.path: block_outputs(load_run_model(r.path)[0].double(), probe) for _, s in entries for r in s.runs}
+        outs = {
+            r.path: block_outputs(load_run_model(r.path)[0].double(), probe)
+            for _, s in entries
+            for r in s.runs
+        }
         blocks = min(len(o) for o in outs.values())
         mats = _cka_matrices(entries, outs, blocks)
-        results.append(CrossCKA(dataset, [lab for lab, _ in entries], blocks, mats[False], mats[True],
-                                probe.shape[0]))
+        results.append(
+            CrossCKA(dataset, [lab for lab, _ in entries], blocks, mats[False], mats[True], probe.shape[0])
+        )
     return results
 
 
@@ -315,13 +394,27 @@ def cross_cka_figure(c: CrossCKA, out: Path) -> Figure:
         for i, row in enumerate(m):
             for j, v in enumerate(row):
                 dark = math.isfinite(v) and (v - vmin) / (1.0 - vmin) < 0.6
-                ax.text(j, i, format_number(v, 4), ha="center", va="center", fontsize=7,
-                        color="white" if dark else "black")
+                ax.text(
+                    j,
+                    i,
+                    format_number(v, 4),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if dark else "black",
+                )
         ax.set_title(f"block {block}", fontsize=10)
-    fig.suptitle(f"Linear CKA between final models (biased; colour scale {vmin:.4g} to 1), {c.dataset}\n"
-                 + "; ".join(f"{k}: {lab}" for k, lab in enumerate(c.labels)), fontsize=8)
+    fig.suptitle(
+        f"Linear CKA between final models (biased; colour scale {vmin:.4g} to 1), {c.dataset}\n"
+        + "; ".join(f"{k}: {lab}" for k, lab in enumerate(c.labels)),
+        fontsize=8,
+    )
     name = f"cka-between-{re.sub(r'[^a-z0-9]+', '-', c.dataset.lower())}.png"
-    return Figure(f"CKA between optimisers — {c.dataset}", name, _save(fig, out / name),
-                  f"Block outputs of the final models on the first {c.probe_size} training images; off the "
-                  "diagonal, series against series (runs paired by seed, mean over pairs); on the diagonal, seed "
-                  "against seed within a series (blank with one seed).")
+    return Figure(
+        f"CKA between optimisers — {c.dataset}",
+        name,
+        _save(fig, out / name),
+        f"Block outputs of the final models on the first {c.probe_size} training images; off the "
+        "diagonal, series against series (runs paired by seed, mean over pairs); on the diagonal, seed "
+        "against seed within a series (blank with one seed).",
+    )

@@ -74,19 +74,35 @@ def _summary_rows(panel: Panel) -> list[list[str]]:
 
         blocks = [int(m.group(1)) for d in last_diag for k in d if (m := re.fullmatch(r"cka/block(\d+)", k))]
         deepest = f"cka/block{max(blocks)}" if blocks else "cka/block0"
-        rows.append([
-            _esc(s.label), str(len(runs)), _stat([final_value(r, "epoch") for r in runs]),
-            _stat([final_value(r, "train_loss") for r in runs]), _stat([final_value(r, "test_loss") for r in runs]),
-            _stat([final_value(r, "test_accuracy") for r in runs]),
-            _stat([best_value(r, "test_accuracy", True) for r in runs]),
-            diag("ntk_alignment", 6), diag(deepest, 6), diag("weight_rel_change/all"),
-        ])
+        rows.append(
+            [
+                _esc(s.label),
+                str(len(runs)),
+                _stat([final_value(r, "epoch") for r in runs]),
+                _stat([final_value(r, "train_loss") for r in runs]),
+                _stat([final_value(r, "test_loss") for r in runs]),
+                _stat([final_value(r, "test_accuracy") for r in runs]),
+                _stat([best_value(r, "test_accuracy", True) for r in runs]),
+                diag("ntk_alignment", 6),
+                diag(deepest, 6),
+                diag("weight_rel_change/all"),
+            ]
+        )
     return rows
 
 
-_SUMMARY_HEAD = ["series", "runs", "epochs", "final train loss", "final test loss", "final test acc.",
-                 "best test acc.", "NTK alignment (last)", "CKA deepest block vs. init (last)",
-                 "weight rel. change (last)"]
+_SUMMARY_HEAD = [
+    "series",
+    "runs",
+    "epochs",
+    "final train loss",
+    "final test loss",
+    "final test acc.",
+    "best test acc.",
+    "NTK alignment (last)",
+    "CKA deepest block vs. init (last)",
+    "weight rel. change (last)",
+]
 
 
 def _summary(panels: Sequence[Panel]) -> list[str]:
@@ -100,12 +116,16 @@ def _summary(panels: Sequence[Panel]) -> list[str]:
 def _cross_tables(cross: Sequence[CrossCKA]) -> list[str]:
     parts = []
     for c in cross:
-        parts.append(f"<h3>Linear CKA between final models — {_esc(c.dataset)} ({c.probe_size} probe images)</h3>")
+        parts.append(
+            f"<h3>Linear CKA between final models — {_esc(c.dataset)} ({c.probe_size} probe images)</h3>"
+        )
         rows = []
         for i, a in enumerate(c.labels):
             for j in range(i, len(c.labels)):
-                cells = [f"{format_number(c.biased[b][i][j], 5)} / {format_number(c.unbiased[b][i][j], 5)}"
-                         for b in range(c.blocks)]
+                cells = [
+                    f"{format_number(c.biased[b][i][j], 5)} / {format_number(c.unbiased[b][i][j], 5)}"
+                    for b in range(c.blocks)
+                ]
                 rows.append([_esc(a), _esc(c.labels[j]) if j != i else "(seed vs. seed)"] + cells)
         head = ["series", "against"] + [f"block {b} (biased / unbiased)" for b in range(c.blocks)]
         parts.append(_table(head, rows, [False, False] + [True] * c.blocks))
@@ -117,14 +137,23 @@ def _figures(figures: Sequence[Figure]) -> list[str]:
     for fig in figures:
         b64 = base64.b64encode(fig.data).decode("ascii")
         parts.append(
-            f"<figure><h3>{_esc(fig.title)}</h3><img alt='{_esc(fig.title)}' src='data:image/png;base64,{b64}'>"
+            f"<figure><h3>{_esc(fig.title)}</h3><img alt='{_esc(fig.title)}' "
+            f"src='data:image/png;base64,{b64}'>"
             f"<figcaption>{_esc(fig.caption)} File: <code>{_esc(fig.file)}</code></figcaption></figure>"
         )
     return parts
 
 
-_RUN_META = ("status", "epochs_done", "git_revision", "exactgn_version", "torch_version", "device", "start_time",
-             "end_time")
+_RUN_META = (
+    "status",
+    "epochs_done",
+    "git_revision",
+    "exactgn_version",
+    "torch_version",
+    "device",
+    "start_time",
+    "end_time",
+)
 
 
 def _runs_table(panels: Sequence[Panel]) -> list[str]:
@@ -134,10 +163,27 @@ def _runs_table(panels: Sequence[Panel]) -> list[str]:
             for r in s.runs:
                 meta = {key: meta_value(r.meta, key) for key in _RUN_META}
                 meta["git_revision"] = meta["git_revision"] or "unknown"
-                rows.append([_esc(r.label), _esc(r.get("name")), _esc(panel.title), _esc(s.label), _esc(r.seed)]
-                            + [_esc(meta[key]) for key in _RUN_META] + ["yes" if r.diagnostics else "no"])
-    head = ["run", "name", "setting", "series", "seed", "status", "epochs done", "git revision", "exactgn",
-            "torch", "device", "start", "end", "diagnostics"]
+                rows.append(
+                    [_esc(r.label), _esc(r.get("name")), _esc(panel.title), _esc(s.label), _esc(r.seed)]
+                    + [_esc(meta[key]) for key in _RUN_META]
+                    + ["yes" if r.diagnostics else "no"]
+                )
+    head = [
+        "run",
+        "name",
+        "setting",
+        "series",
+        "seed",
+        "status",
+        "epochs done",
+        "git revision",
+        "exactgn",
+        "torch",
+        "device",
+        "start",
+        "end",
+        "diagnostics",
+    ]
     return ["<h2>Runs</h2>", _table(head, rows)]
 
 
@@ -156,10 +202,12 @@ def matched_section(runs: Sequence[Run], target: float) -> str:
     """The "diagnostics at matched training loss" section (:mod:`exactgn.lab.evidence`); runs without
     diagnostics are named below it."""
     with_diag = [r for r in runs if r.diagnostics]
-    parts = [f"<h2>Diagnostics at matched training loss (first record with train loss &le; {target:g})</h2>",
-             "<p>Each run is read at the first diagnostics record whose full-training-set loss is at or below "
-             "the target (no interpolation; the record's actual loss is shown). Runs that never get there are "
-             "listed as not reached, with the lowest loss they recorded.</p>"]
+    parts = [
+        f"<h2>Diagnostics at matched training loss (first record with train loss &le; {target:g})</h2>",
+        "<p>Each run is read at the first diagnostics record whose full-training-set loss is at or below "
+        "the target (no interpolation; the record's actual loss is shown). Runs that never get there are "
+        "listed as not reached, with the lowest loss they recorded.</p>",
+    ]
     if with_diag:
         head, rows = matched_loss_table([r.path for r in with_diag], target)
         for row, r in zip(rows, with_diag):
@@ -171,15 +219,23 @@ def matched_section(runs: Sequence[Run], target: float) -> str:
     return "\n".join(parts)
 
 
-def page(runs: Sequence[Run], panels: Sequence[Panel], figures: Sequence[Figure], band: str, title: str,
-         cross: Sequence[CrossCKA] = (), matched: str = "") -> str:
+def page(
+    runs: Sequence[Run],
+    panels: Sequence[Panel],
+    figures: Sequence[Figure],
+    band: str,
+    title: str,
+    cross: Sequence[CrossCKA] = (),
+    matched: str = "",
+) -> str:
     """The whole report as one HTML document."""
     band_text = "min–max over seeds" if band == "minmax" else "±1 standard deviation over seeds"
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{_esc(title)}</h1>",
-        f"<p>{len(runs)} run(s) in {len(panels)} setting(s). Seeds of one setting are drawn as the mean with a "
+        f"<p>{len(runs)} run(s) in {len(panels)} setting(s). Seeds of one setting are drawn as the mean with "
+        "a "
         f"band ({band_text}). Table cells with several seeds read <code>mean [min, max]</code>. Generated by "
         "<code>exactgn report</code>.</p>",
     ]

@@ -1,13 +1,17 @@
 """Reading run folders for a report, grouping them into panels and series, and aggregating seeds.
 
-Runs are grouped into *panels* by dataset and batch setting (full-batch when ``train.batch_size`` is 0 or covers the
-whole training set, else mini-batch), and within a panel into *series*: runs whose configurations are equal apart
+Runs are grouped into *panels* by dataset and batch setting (full-batch when ``train.batch_size`` is 0 or
+covers the
+whole training set, else mini-batch), and within a panel into *series*: runs whose configurations are equal
+apart
 from seeds (any key ending in ``seed``) and bookkeeping keys (name, description, data root, device, threads,
 checkpointing, diagnostics settings). A series of several seeds is drawn as the mean over seeds with a shaded
 band: min–max over seeds by default, or ±1 standard deviation (``band="std"``).
 
-Figures per panel: train/test loss and accuracy per epoch; the per-mini-batch loss change per epoch; and, where the
-runs have ``diagnostics.jsonl``: NTK alignment (with the reference's random-probe estimate) and rate of change, CKA
+Figures per panel: train/test loss and accuracy per epoch; the per-mini-batch loss change per epoch; and,
+where the
+runs have ``diagnostics.jsonl``: NTK alignment (with the reference's random-probe estimate) and rate of
+change, CKA
 of every block against initialisation, and the weight change of every half-layer.
 """
 
@@ -66,7 +70,8 @@ class ReportError(ValueError):
 # ---------------------------------------------------------------------------- reading runs
 @dataclass
 class Run:
-    """One run folder, read: configuration (nested dict and its TOML text), meta, epoch rows, optional logs."""
+    """One run folder, read: configuration (nested dict and its TOML text), meta, epoch rows, optional
+    logs."""
 
     path: Path
     label: str
@@ -100,9 +105,11 @@ def _is_run(path: Path) -> bool:
 
 
 def find_runs(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Run folders named by ``paths``: a run folder itself, or every run folder found below a folder (a sweep).
+    """Run folders named by ``paths``: a run folder itself, or every run folder found below a folder (a
+    sweep).
 
-    A folder is a run when it holds any of the run-folder files; missing ones are reported by :func:`load_run`.
+    A folder is a run when it holds any of the run-folder files; missing ones are reported by
+    :func:`load_run`.
     """
     found: list[Path] = []
     for raw in paths:
@@ -118,7 +125,8 @@ def find_runs(paths: Iterable[str | os.PathLike]) -> list[Path]:
         below = [p for p in below if not any(q != p and q in p.parents for q in below)]  # outermost runs only
         if not below:
             raise ReportError(
-                f"{path} is not a run folder (it has none of {', '.join(RUN_MARKERS)}) and no run folder was found "
+                f"{path} is not a run folder (it has none of {', '.join(RUN_MARKERS)}) and no run folder was "
+                "found "
                 "below it; pass the folder that `exactgn train` wrote"
             )
         found.extend(below)
@@ -131,7 +139,9 @@ def find_runs(paths: Iterable[str | os.PathLike]) -> list[Path]:
 
 def _as_numbers(rows: list[dict[str, Any]]) -> list[dict[str, float]]:
     """Log rows for plotting: every cell a float, empty or non-numeric cells ``nan``."""
-    return [{k: float(v) if isinstance(v, (int, float)) else math.nan for k, v in row.items()} for row in rows]
+    return [
+        {k: float(v) if isinstance(v, (int, float)) else math.nan for k, v in row.items()} for row in rows
+    ]
 
 
 def _read(run: Path, what: str, reader: Any, *args: Any) -> Any:
@@ -179,8 +189,11 @@ def run_labels(paths: Sequence[Path]) -> list[str]:
 def _setting_keys(run: Run) -> dict[str, Any]:
     flat = flatten(run.config)
     return {
-        k: v for k, v in flat.items()
-        if not k.rsplit(".", 1)[-1].endswith("seed") and k not in _BOOKKEEPING and not k.startswith(_BOOKKEEPING_PREFIXES)
+        k: v
+        for k, v in flat.items()
+        if not k.rsplit(".", 1)[-1].endswith("seed")
+        and k not in _BOOKKEEPING
+        and not k.startswith(_BOOKKEEPING_PREFIXES)
     }
 
 
@@ -189,7 +202,8 @@ def _freeze(v: Any) -> Any:
 
 
 def _panel_key(run: Run) -> tuple[str, str]:
-    """``(dataset, setting)``: full-batch when the batch covers the training set (as ``meta.json`` records the actual
+    """``(dataset, setting)``: full-batch when the batch covers the training set (as ``meta.json`` records the
+    actual
     sizes, else as ``train.batch_size = 0`` or ``>= data.train_size`` says), otherwise mini-batch."""
     dataset = str(run.get("data.dataset", "?"))
     batch = run.get("train.batch_size")
@@ -247,11 +261,14 @@ def group_runs(runs: Sequence[Run]) -> list[Panel]:
             groups.setdefault(key, []).append(run)
         # Label each series by its optimiser and the keys that differ between the panel's series.
         settings = [dict(k) for k in groups]
-        differing = sorted({k for s in settings for k in s if len({repr(t.get(k)) for t in settings}) > 1} - {"optim.name"})
+        differing = sorted(
+            {k for s in settings for k in s if len({repr(t.get(k)) for t in settings}) > 1} - {"optim.name"}
+        )
         panel = Panel(dataset, setting)
         for key, group in groups.items():
             s = dict(key)
-            # GN's own keys say nothing about an Adam or SGD run (they are defaults there), so they label GN only.
+            # GN's own keys say nothing about an Adam or SGD run (they are defaults there), so they label GN
+            # only.
             own = [k for k in differing if group[0].optimiser == "gn" or not k.startswith("optim.gn.")]
             extras = ", ".join(f"{_short(k, differing)}={_fmt_value(s.get(k))}" for k in own)
             label = group[0].optimiser + (f" ({extras})" if extras else "")
@@ -273,18 +290,27 @@ def _fmt_value(v: Any) -> str:
 
 
 # ---------------------------------------------------------------------------- aggregation
-def aggregate_seeds(rows_per_run: Sequence[Sequence[dict[str, Any]]], key: str, band: str) -> tuple[list[float], list[float], list[float], list[float]] | None:
+def aggregate_seeds(
+    rows_per_run: Sequence[Sequence[dict[str, Any]]], key: str, band: str
+) -> tuple[list[float], list[float], list[float], list[float]] | None:
     """Mean and band of ``key`` against ``epoch`` over the runs of one series: ``(epochs, mean, lo, hi)``.
 
-    ``rows_per_run``: one list of records (with ``epoch`` and ``key``) per run. At each epoch, the runs that have a
-    finite value there are used. ``band``: ``"minmax"`` (lo, hi = min, max over runs) or ``"std"`` (mean ± population
+    ``rows_per_run``: one list of records (with ``epoch`` and ``key``) per run. At each epoch, the runs that
+    have a
+    finite value there are used. ``band``: ``"minmax"`` (lo, hi = min, max over runs) or ``"std"`` (mean ±
+    population
     standard deviation). ``None`` when no run has the key.
     """
     values: dict[float, list[float]] = {}
     for rows in rows_per_run:
         for row in rows:
             v, e = row.get(key), row.get("epoch")
-            if isinstance(v, (int, float)) and isinstance(e, (int, float)) and math.isfinite(v) and math.isfinite(e):
+            if (
+                isinstance(v, (int, float))
+                and isinstance(e, (int, float))
+                and math.isfinite(v)
+                and math.isfinite(e)
+            ):
                 values.setdefault(float(e), []).append(float(v))
     if not values:
         return None
