@@ -45,8 +45,8 @@ def activation_gram(record: HalfLayerRecord, *, lower: bool = False) -> Tensor:
     """``K_j = A_j A_jᵀ`` (``B × B``) with ``A_j = [φ(u C), 1]`` (the ones column only with a bias).
 
     ``lower=True`` computes only the lower block triangle, in row chunks of whole samples (about 45% less
-    work);
-    the strictly upper part of the result is then meaningless, which is all a Cholesky factorisation needs.
+    work); the strictly upper part of the result is then meaningless, which is all a Cholesky factorisation
+    needs.
     """
     feats = record.features
     if lower:
@@ -83,14 +83,13 @@ def _column_step(
 
     ``A`` (``B × (h+1)``) is replaced by a matrix ``M`` (``B × c``, ``c`` = the rank bound) with the same
     singular values and ``A⁺ = P M⁺`` for a map ``P`` with orthonormal columns: ``M = A`` when ``A`` has at
-    most
-    ``c`` columns; for the identity activation with ``h > n``, ``A = [u, 1]·diag(C, 1) = [u L, 1]·diag(Q, 1)``
-    with ``C = L Q`` (:meth:`HalfLayer.proj_lq`), so ``M = [u L, 1]`` and ``P = diag(Qᵀ, 1)``. The regularised
-    ``M⁺R = (MᵀM + λI)⁻¹MᵀR`` (or truncated) is then a ``c × c`` solve, and its singular-value cut-offs mean
-    what they mean for ``A``. ``M`` is often rank-deficient (constant pixels, dead features), and the normal
-    equations are consistent, so a Cholesky solve would pass its residual check while adding null-space
-    components
-    of any size: the unregularised solve is the minimum-norm eigen-solve (``min_norm=True``).
+    most ``c`` columns; for the identity activation with ``h > n``, ``A = [u, 1]·diag(C, 1) = [u L, 1]·diag(Q,
+    1)`` with ``C = L Q`` (:meth:`HalfLayer.proj_lq`), so ``M = [u L, 1]`` and ``P = diag(Qᵀ, 1)``. The
+    regularised ``M⁺R = (MᵀM + λI)⁻¹MᵀR`` (or truncated) is then a ``c × c`` solve, and its singular-value
+    cut-offs mean what they mean for ``A``. ``M`` is often rank-deficient (constant pixels, dead features),
+    and the normal equations are consistent, so a Cholesky solve would pass its residual check while adding
+    null-space components of any size: the unregularised solve is the minimum-norm eigen-solve
+    (``min_norm=True``).
 
     Also returns ``A ΔΘᵀ = M M⁺R`` (``B × n``), the change of the half-layer's output the step makes.
     """
@@ -145,10 +144,8 @@ def _half_layer_step(
     ``R``).
 
     Exact solves use ``factor`` (:func:`exactgn.linalg.factor_rows`: the ``B × B`` Gram, or a QR of ``Aᵀ``
-    where
-    the Gram would lose accuracy); regularised ones the ``B × B`` Gram's eigen-decomposition or damped
-    Cholesky;
-    a batch above the rank bound of ``A`` the smaller column Gram (a least-squares step).
+    where the Gram would lose accuracy); regularised ones the ``B × B`` Gram's eigen-decomposition or damped
+    Cholesky; a batch above the rank bound of ``A`` the smaller column Gram (a least-squares step).
     """
     if rhs.shape[0] > record.layer.rank_bound:
         return _column_step(record, rhs, reg, solve_dtype)
@@ -199,8 +196,7 @@ def output_cotangents(model: RevMLP, records: list[HalfLayerRecord]) -> list[Ten
     """``M_j`` for every half-layer (forward order), each ``k × B × n``: ``M_j[c, i] = ∂o_{i,c}/∂y_{j,i}``.
 
     ``y_j`` is the output of half-layer ``j`` (what it adds to its half of the state). Samples do not
-    interact,
-    so one backward pass per class, batched over the ``k`` classes, gives all of them.
+    interact, so one backward pass per class, batched over the ``k`` classes, gives all of them.
     """
     k, batch = model.num_classes, records[0].features.shape[0]
     u_a, u_b = _split(model, model.readout.T)  # k × n each: the cotangent of the state for class c
@@ -265,10 +261,8 @@ def _right_inverse(
 
     Walking from the last block to the first, each block ``l`` targets the state change ``δz_l`` that realises
     ``δz_L`` with everything else fixed: F solves for ``δa'``; G for what is left of ``δb'`` once the change
-    of
-    ``a'`` that F's step *makes* (``A_F ΔΘ_Fᵀ``, equal to ``δa'`` when F's solve is exact) has passed through
-    G;
-    the block below gets the JVP of this block's inverse applied to the asked ``δz_l``.
+    of ``a'`` that F's step *makes* (``A_F ΔΘ_Fᵀ``, equal to ``δa'`` when F's solve is exact) has passed
+    through G; the block below gets the JVP of this block's inverse applied to the asked ``δz_l``.
     """
     direction: dict[str, Tensor] = {}
     solves: list[SolveInfo] = []
@@ -502,9 +496,8 @@ def gn_direction(
         inverse: ``"right"`` — the tractable right inverse ``J♭`` scaled by ``1/L`` so that
             ``J·direction = v`` (DESIGN §3a), the reference's rule: the reference's step is ``c·L·direction``
             with ``c = 1`` for cross-entropy with the identity Hessian and ``c = 2`` for MSE (its target is
-            the
-            gradient ``2(o − y)``, not ``H⁺g = o − y``), so a reference MSE learning rate ``lr`` is ``2·L·lr``
-            here; ``"pinv"`` — the minimum-norm step ``J⁺v`` (§3b).
+            the gradient ``2(o − y)``, not ``H⁺g = o − y``), so a reference MSE learning rate ``lr`` is
+            ``2·L·lr`` here; ``"pinv"`` — the minimum-norm step ``J⁺v`` (§3b).
         rtol, atol: truncate singular values ``≤ max(rtol·σ_max, atol)`` of each pseudo-inverse.
         damping: ``λ`` in ``Aᵀ(AAᵀ + λI)⁻¹``.
         least_squares: accept a batch too large for the step to be exact (otherwise that is an error).

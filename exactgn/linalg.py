@@ -72,11 +72,9 @@ class Regularisation:
 @dataclass
 class SolveInfo:
     """How one Gram solve went: ``method`` is ``"cholesky"`` (``"cholesky-damped"`` with damping), ``"qr"`` (a
-    QR
-    of ``Aᵀ``, :func:`factor_rows`), ``"svd-fallback"`` (``A`` numerically rank-deficient), ``"eigh"``
-    (truncation),
-    ``"eigh-fallback"`` (Cholesky failed) or ``"eigh-lstsq"`` (a minimum-norm solve was asked for);
-    ``rank`` is how many directions were kept out of ``size``."""
+    QR of ``Aᵀ``, :func:`factor_rows`), ``"svd-fallback"`` (``A`` numerically rank-deficient), ``"eigh"``
+    (truncation), ``"eigh-fallback"`` (Cholesky failed) or ``"eigh-lstsq"`` (a minimum-norm solve was asked
+    for); ``rank`` is how many directions were kept out of ``size``."""
 
     method: str
     size: int
@@ -102,10 +100,9 @@ def gram_solve(
     names the matrix.
 
     ``min_norm``: the caller needs the minimum-norm solution of a system that may be singular but is
-    consistent
-    (normal equations ``MᵀM c = MᵀR``): there a Cholesky solve can pass the residual check and still carry
-    huge
-    null-space components, so the unregularised solve goes straight to the eigen-solve without the null space.
+    consistent (normal equations ``MᵀM c = MᵀR``): there a Cholesky solve can pass the residual check and
+    still carry huge null-space components, so the unregularised solve goes straight to the eigen-solve
+    without the null space.
 
     A Cholesky factorisation can succeed on a numerically singular Gram and return a meaningless ``S``, so the
     unregularised solve is accepted only when its residual ``‖K S − R‖`` is below ``√(2u)·‖R‖``, with ``u``
@@ -181,10 +178,8 @@ class RowFactor:
     """A factorisation of a wide activation matrix ``A`` (``B × c``) that solves ``A⁺R`` for any ``R``.
 
     ``method`` ``"cholesky"``: ``lower`` is ``L`` with ``AAᵀ = LLᵀ``, and :meth:`solve` returns ``S`` (``B ×
-    m``)
-    with ``A⁺R = AᵀS``. ``"qr"``/``"svd-fallback"``: ``basis`` (``c × r``, orthonormal columns) and
-    :meth:`solve`
-    returns ``Y`` (``r × m``) with ``A⁺R = basis·Y``. ``cond`` is the estimated ``cond(A)``.
+    m``) with ``A⁺R = AᵀS``. ``"qr"``/``"svd-fallback"``: ``basis`` (``c × r``, orthonormal columns) and
+    :meth:`solve` returns ``Y`` (``r × m``) with ``A⁺R = basis·Y``. ``cond`` is the estimated ``cond(A)``.
     """
 
     method: str
@@ -211,9 +206,8 @@ def _cond_estimate(lower: Tensor) -> Tensor:
     """Estimated ``cond(A) = √(λ_max/λ_min)`` of ``K = LLᵀ`` for lower-triangular ``L`` (``... × B × B``).
 
     Block power iterations on ``K`` and on ``K⁻¹`` (triangular solves), from fixed start vectors; like
-    LAPACK's
-    condition estimators this is an estimate (it approaches the true value from below), computed on the
-    device.
+    LAPACK's condition estimators this is an estimate (it approaches the true value from below), computed on
+    the device.
     """
     size = lower.shape[-1]
     idx = torch.arange(size, dtype=lower.dtype, device=lower.device)[:, None]
@@ -247,15 +241,12 @@ def factor_rows(
     """Factorise wide activation matrices ``A_j`` (``B × c_j``) for exact, unregularised solves ``A_j⁺R``.
 
     ``grams``: the ``B × B`` Grams ``A_jA_jᵀ`` (only the lower triangle is read); ``matrices``: callables
-    giving
-    ``A_j`` itself, called only when the Gram route is not accurate enough. All Grams are Cholesky-factorised
-    and
-    their conditioning estimated in one batch, with one device synchronisation; a Gram whose Cholesky fails or
-    whose
-    ``cond(A)`` estimate exceeds :data:`GRAM_MAX_COND` is replaced by a QR factorisation of ``Aᵀ`` (error
-    ``∝ u·cond(A)`` instead of ``u·cond(A)²``). A numerically rank-deficient ``A`` (``u·cond(A) > RANK_TOL``)
-    gets
-    the minimum-norm least-squares solve and, with ``warn``, a :class:`GramFallbackWarning`.
+    giving ``A_j`` itself, called only when the Gram route is not accurate enough. All Grams are
+    Cholesky-factorised and their conditioning estimated in one batch, with one device synchronisation; a Gram
+    whose Cholesky fails or whose ``cond(A)`` estimate exceeds :data:`GRAM_MAX_COND` is replaced by a QR
+    factorisation of ``Aᵀ`` (error ``∝ u·cond(A)`` instead of ``u·cond(A)²``). A numerically rank-deficient
+    ``A`` (``u·cond(A) > RANK_TOL``) gets the minimum-norm least-squares solve and, with ``warn``, a
+    :class:`GramFallbackWarning`.
     """
     names = names or [f"matrix {j}" for j in range(len(grams))]
     stack = torch.stack(grams)

@@ -139,8 +139,7 @@ def ntk_probe_cosine(k0: Tensor, kt: Tensor, w: Tensor | None = None, *, seed: i
     ``w``.
 
     Cheaper than :func:`kernel_alignment` when only kernel-vector products are available, but it depends on
-    the
-    draw of ``w`` and is not the alignment. ``w`` (length ``N``) defaults to :func:`probe_vector` ``(N,
+    the draw of ``w`` and is not the alignment. ``w`` (length ``N``) defaults to :func:`probe_vector` ``(N,
     seed)``.
     """
     _check_square("k0", k0)
@@ -186,11 +185,10 @@ def linear_cka(x: Tensor, y: Tensor, *, unbiased: bool = False) -> float:
     """Linear CKA between representations ``x`` (``n × p``) and ``y`` (``n × q``) of the same ``n`` samples.
 
     Biased: ``‖Ȳᵀ X̄‖²_F / (‖X̄ᵀ X̄‖_F ‖Ȳᵀ Ȳ‖_F)`` with column-centred ``X̄, Ȳ`` (the centred-HSIC form of
-    Kornblith et
-    al. 2019). ``unbiased=True``: the same ratio with the unbiased HSIC estimator of Song et al. 2012 (as in
-    Nguyen et al. 2021), which removes the positive bias of the biased one at small ``n`` / large ``p``; needs
-    ``n ≥ 4`` and can be slightly negative. Inputs with more dimensions are flattened per sample. Computed in
-    float64; ``nan`` when a representation has no variance.
+    Kornblith et al. 2019). ``unbiased=True``: the same ratio with the unbiased HSIC estimator of Song et al.
+    2012 (as in Nguyen et al. 2021), which removes the positive bias of the biased one at small ``n`` / large
+    ``p``; needs ``n ≥ 4`` and can be slightly negative. Inputs with more dimensions are flattened per sample.
+    Computed in float64; ``nan`` when a representation has no variance.
     """
     xs, ys = _as_rows("x", x), _as_rows("y", y)
     n = xs.shape[0]
@@ -255,8 +253,7 @@ def representation_cka(
     """Linear CKA of every block's output, ``model_a`` against ``model_b`` on the same ``inputs``.
 
     Returns ``{"block0": ..., "block1": ...}``; for two runs (optimiser against optimiser) or a model against
-    its
-    initialisation. The models need the same number of blocks (widths may differ).
+    its initialisation. The models need the same number of blocks (widths may differ).
     """
     out_a, out_b = block_outputs(model_a, inputs), block_outputs(model_b, inputs)
     if len(out_a) != len(out_b):

@@ -24,8 +24,7 @@ __all__ = ["HalfLayer", "CouplingBlock", "RevMLP", "HalfLayerRecord", "activatio
 def activation_rank_bound(n: int, width: int, activation: str, bias: bool) -> int:
     """Largest possible rank of a half-layer's activation matrix ``A = [φ(u C), 1]`` (``u``: ``B × n``,
     ``C``: ``n × width``): a ReLU can lift the rank of ``u C`` up to ``width``; the identity cannot exceed
-    ``n``.
-    The right inverse of DESIGN §3a is exact only for batches no larger than this."""
+    ``n``. The right inverse of DESIGN §3a is exact only for batches no larger than this."""
     cols = width if activation == "relu" else min(width, n)
     return cols + (1 if bias else 0)
 

@@ -13,9 +13,8 @@ Phases, each skipped when too little of the budget is left, results written as t
 3. The J-flat vs J+ comparison of RESULTS.md at the reference size on real MNIST: mini-batch GN, right against
    pinv, seeds 0-2 untruncated and seed 0 truncated, all runs at once on the one GPU until the budget ends
    (their epoch logs are kept; runs are compared at the last epoch all of them reached) -> runs.tar.gz,
-   holding
-   inverse-untruncated/ and inverse-truncated/ (``python scripts/study_tables.py seeds DIR --epoch N`` reads
-   them).
+   holding inverse-untruncated/ and inverse-truncated/ (``python scripts/study_tables.py seeds DIR --epoch N``
+   reads them).
 
 ``--quick`` shrinks every size so that the script can be tried on a CPU.
 """

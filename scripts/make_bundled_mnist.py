@@ -4,9 +4,8 @@
 From the official MNIST files (``ROOT/MNIST/raw/*-ubyte.gz``) it takes, in file order, the first
 ``--train-per-class`` training images of every class and the first ``--test-per-class`` test images of every
 class, keeping their original order (classes stay interleaved). It stores uint8 pixels, labels and each
-image's
-index in the original file. The archive is written byte-for-byte reproducibly (fixed zip timestamps), so its
-SHA-256 depends only on the inputs and the options; it is printed at the end and must be recorded in
+image's index in the original file. The archive is written byte-for-byte reproducibly (fixed zip timestamps),
+so its SHA-256 depends only on the inputs and the options; it is printed at the end and must be recorded in
 ``exactgn.lab.data.BUNDLED_MNIST_SHA256``.
 
     python scripts/make_bundled_mnist.py --data-root ../shared/data

@@ -17,9 +17,8 @@ the markers is prose and is never touched. What each ID shows is registered in `
 
 Kinds: ``groups`` (mean ± sd over the runs of each group, with n: seeds), ``runs`` (one row per run),
 ``matched`` (diagnostics at matched training loss ``loss = 0.3``, exactgn.lab.evidence), ``csv`` (a committed
-CSV
-file ``file = "NAME/table.csv"`` as it is). Columns: ``final:KEY`` / ``best:KEY`` (epochs.csv: last row; best
-= highest accuracy or lowest loss over epochs >= 1), ``diag:KEY`` (last diagnostics record), ``meta:KEY``
+CSV file ``file = "NAME/table.csv"`` as it is). Columns: ``final:KEY`` / ``best:KEY`` (epochs.csv: last row;
+best = highest accuracy or lowest loss over epochs >= 1), ``diag:KEY`` (last diagnostics record), ``meta:KEY``
 (meta.json), ``config:KEY`` (the run's config). Accuracies are shown in percent.
 """
 

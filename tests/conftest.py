@@ -28,8 +28,7 @@ def rng(request: pytest.FixtureRequest) -> torch.Generator:
 
     By default the seed is a hash of the test's id, so CI and every rerun see the same draws; set
     ``EXACTGN_TEST_SEED`` to an integer to replay a seed, or to ``random`` to explore new draws (the seed is
-    printed
-    and shown on failure)."""
+    printed and shown on failure)."""
     env = os.environ.get("EXACTGN_TEST_SEED", "")
     if env == "random":
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
@@ -102,9 +101,8 @@ TINY_RUNS = (
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A sweep folder of four genuine ``exactgn train`` runs on the bundled MNIST (64 images, 2 epochs,
-    diagnostics
-    on, epoch checkpoints kept): GN full-batch with seeds 0 and 1, Adam full-batch and Adam mini-batch
-    (B=16)."""
+    diagnostics on, epoch checkpoints kept): GN full-batch with seeds 0 and 1, Adam full-batch and Adam
+    mini-batch (B=16)."""
     from exactgn.lab.config import loads_config
     from exactgn.lab.train import train
 

@@ -359,8 +359,7 @@ def crop_boxes(out: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def test_random_resized_crop_geometry():
     """On linear ramps, bilinear resampling is exact, so the output reveals each crop box: every box must lie
-    in
-    the image, with area fraction in ``scale`` and aspect ratio in ``ratio``."""
+    in the image, with area fraction in ``scale`` and aspect ratio in ``ratio``."""
     n, size = 64, 32
     images = ramps(n, size)
     scale, ratio = (0.2, 0.6), (0.5, 2.0)

@@ -93,11 +93,10 @@ def test_right_inverse_realises_v(rng, hidden, bias, blocks, target):
 
 def test_right_inverse_error_follows_the_conditioning(rng):
     """Without a conditioning precondition: on any full-rank draw the error grows like u·cond(A), not
-    u·cond(A)²
-    (the Gram route is kept only for cond(A) ≤ GRAM_MAX_COND = 64, a QR of Aᵀ beyond). The Gram-only solves
-    this
-    replaced gave 1.3e-10 at cond(A) = 5.4e3, above this bound (7.7e-11). A solve that falls back warns once,
-    naming its half-layer (asserted: a warning exactly for each fall-back, none below cond = 10³)."""
+    u·cond(A)² (the Gram route is kept only for cond(A) ≤ GRAM_MAX_COND = 64, a QR of Aᵀ beyond). The
+    Gram-only solves this replaced gave 1.3e-10 at cond(A) = 5.4e3, above this bound (7.7e-11). A solve that
+    falls back warns once, naming its half-layer (asserted: a warning exactly for each fall-back, none below
+    cond = 10³)."""
     u = torch.finfo(F64).eps / 2
     checked, worst = 0, 0.0
     while checked < 20:
@@ -217,8 +216,7 @@ def model_batch(hidden, bias, blocks):
 @pytest.mark.parametrize("blocks", [1, 2, 3])
 def test_right_step_is_the_reference_rule_when_solves_are_not_exact(rng, case, blocks):
     """Truncated, damped and least-squares (above the rank bound) steps follow the reference's rule, which
-    here
-    differs from the rule that discounted the asked change of a'."""
+    here differs from the rule that discounted the asked change of a'."""
     reg = {
         "rtol": dict(rtol=0.3),
         "atol": {},

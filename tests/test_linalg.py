@@ -74,13 +74,10 @@ def test_singular_gram_falls_back_with_a_warning(rng):
 @pytest.mark.parametrize("damping", [0.0, 0.5])
 def test_min_norm_solve_of_singular_normal_equations(rng, damping):
     """``MᵀM c = MᵀR`` with a rank-deficient ``M`` is consistent, so a small residual says nothing about
-    null-space
-    components; ``min_norm=True`` must return ``(MᵀM + λI)⁺MᵀR``, the minimum-norm solution. ``M = [x L, 1]``
-    with
-    two always-zero pixels in ``x`` is the column Gram route's own case (a rotated null space, on which a
-    plain
-    Cholesky solve succeeded with wrong answers in about one draw in nine); 50 draws, of which about
-    40 meet the conditioning precondition."""
+    null-space components; ``min_norm=True`` must return ``(MᵀM + λI)⁺MᵀR``, the minimum-norm solution. ``M =
+    [x L, 1]`` with two always-zero pixels in ``x`` is the column Gram route's own case (a rotated null space,
+    on which a plain Cholesky solve succeeded with wrong answers in about one draw in nine); 50 draws, of
+    which about 40 meet the conditioning precondition."""
     for _ in range(50):
         x = torch.randn(16, 12, generator=rng, dtype=F64)
         x[:, [2, 5]] = 0

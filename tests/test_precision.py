@@ -103,10 +103,9 @@ def test_float64_bound_is_the_design_bound():
 @pytest.mark.parametrize("batch, bound", [(128, 4e-6), (256, 4e-5)])
 def test_float32_right_step_on_real_mnist_batches(rng, batch, bound):
     """Real MNIST (the bundled subset), d = 784, h = 1024, L = 2, float32: the right step realises v to
-    u·cond(A),
-    measured in float64. cond(A) is ~1.5e2 at B = 128 and ~1e4 at B = 256 (the identity first block), where
-    the
-    Gram-only solves gave 0.8–1.1e-5 and 0.13; these (QR where needed) give ~1e-6 and ~5e-6."""
+    u·cond(A), measured in float64. cond(A) is ~1.5e2 at B = 128 and ~1e4 at B = 256 (the identity first
+    block), where the Gram-only solves gave 0.8–1.1e-5 and 0.13; these (QR where needed) give ~1e-6 and
+    ~5e-6."""
     from exactgn.lab.data import normalise, read_bundled_mnist
 
     raw = read_bundled_mnist()

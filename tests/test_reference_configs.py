@@ -3,22 +3,20 @@
 ``REFERENCE`` transcribes, for every reference-size experiment, the YAML file of mtkresearch/exact_GN_revNN at
 its final state, HEAD ``f7846fa`` (2025-02-06), whose config files are those of ``1b3307d`` (the commit it
 merges). An earlier commit of the same day, ``16768d1``, had other values (4 MNIST blocks, 12 CIFAR-10 blocks,
-CIFAR-10
-full batch with random-resized-crop and GN lr 0.5); nothing here comes from it. Three files are not stored at
-``1b3307d`` in the index the values were read from; their HEAD values are inferred as ``evidence`` says.
+CIFAR-10 full batch with random-resized-crop and GN lr 0.5); nothing here comes from it. Three files are not
+stored at ``1b3307d`` in the index the values were read from; their HEAD values are inferred as ``evidence``
+says.
 
 Besides the YAML, the reference's ``train.py`` and ``fastbreak`` fix what the files leave implicit: every
 weight starts ``N(0, 1e-3²)`` and every bias at 0; the training loader shuffles and keeps the last batch; the
 optimiser gets only ``lr`` and ``weight_decay`` (so SGD has no momentum and Adam has torch's defaults); the GN
 step (``train_ggn``) sets each parameter's ``.grad`` to its pseudo-inverse update and ``torch.optim.SGD``
-applies
-it; only that step reads ``inv_method_args`` (rtol, atol).
+applies it; only that step reads ``inv_method_args`` (rtol, atol).
 
 Twins (CPU-sized ``*-cpu`` files and the ``demo-*`` files) say in two header lines which reference file they
 derive from and what they change: ``# twin-of: SETTING/OPT`` and ``# twin-changes: KEY OLD -> NEW; ...``.
 Everything else must equal the reference file, except the GN learning rate, which follows
-:func:`exactgn_gn_lr`
-at the twin's own ``L``.
+:func:`exactgn_gn_lr` at the twin's own ``L``.
 """
 
 from __future__ import annotations
@@ -50,9 +48,8 @@ def exactgn_gn_lr(reference_lr: float, blocks: int, loss: str = "cross_entropy")
 
     The reference applies each block's full right-inverse update (no ``1/L``), so its step moves the logits by
     ``lr·L·v``; exactgn's ``inverse = "right"`` includes the ``1/L`` (DESIGN §3a) and moves them by ``lr·v``:
-    × L.
-    For MSE the reference's target is the gradient ``2(o − y)`` where exactgn's is ``H⁺g = o − y``: a further
-    × 2.
+    × L. For MSE the reference's target is the gradient ``2(o − y)`` where exactgn's is ``H⁺g = o − y``: a
+    further × 2.
     """
     if loss not in ("cross_entropy", "mse"):
         raise ValueError(f"loss must be 'cross_entropy' or 'mse', got {loss!r}")

@@ -1,6 +1,5 @@
 """Starting a run from another run's weights (``model.init_from``), ``exactgn study``, and the shipped
-appendix
-studies: each one, shrunk to tiny sizes, does what its file says."""
+appendix studies: each one, shrunk to tiny sizes, does what its file says."""
 
 from __future__ import annotations
 
@@ -144,8 +143,7 @@ def test_init_from_errors_name_the_problem_and_create_nothing(tmp_path):
 
 def test_init_from_resume_is_bit_identical_without_the_source(tmp_path):
     """A run started from another's weights resumes bit-identically, and its diagnostics keep measuring
-    against the
-    weights it started from, even when the source checkpoint has gone."""
+    against the weights it started from, even when the source checkpoint has gone."""
     source = T.train(tiny_run("adam", epochs=1), tmp_path / "src", progress=False)
     extra = {
         "model.init_from": str(source),
@@ -560,8 +558,7 @@ def test_inverse_sweeps_pair_the_two_inverses_and_differ_only_in_truncation(size
 
 def test_inverse_cpu_trials_make_the_same_function_step_with_different_parameter_steps():
     """The premise of the comparison, on the shipped CPU trials (shrunk): per seed, right and pinv change the
-    logits
-    of the batch by the same J·Δθ = lr·v, and pinv's parameter step is the shorter (minimum norm)."""
+    logits of the batch by the same J·Δθ = lr·v, and pinv's parameter step is the shorter (minimum norm)."""
     from exactgn.lab.data import load_dataset
 
     spec = load_sweep(STUDIES_DIR / "inverse" / "minibatch-cpu.toml")

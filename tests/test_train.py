@@ -162,8 +162,7 @@ def default_sigint():
 
 def _interrupt_at(monkeypatch, global_step: int, *, hard: bool = False) -> None:
     """Make the ``global_step``-th step send SIGINT to this process (a real Ctrl-C), or raise
-    KeyboardInterrupt
-    from inside the step (``hard``: as a second Ctrl-C would)."""
+    KeyboardInterrupt from inside the step (``hard``: as a second Ctrl-C would)."""
     original = T._Run._take_step
     count = {"n": 0}
 

@@ -2,9 +2,8 @@
 
 A *setting* is a folder holding ``gn.toml``, ``adam.toml`` and ``sgd.toml``: a shipped one
 (``exactgn/lab/configs/experiments/<setting>/``, e.g. ``mnist-fullbatch-cpu``) or any folder given by path.
-The runs go to
-``OUT/<optimiser>/`` (run folders as in ``docs/run-folder.md``) and the table to ``OUT/comparison.md`` and
-``OUT/comparison.csv``.
+The runs go to ``OUT/<optimiser>/`` (run folders as in ``docs/run-folder.md``) and the table to
+``OUT/comparison.md`` and ``OUT/comparison.csv``.
 """
 
 from __future__ import annotations

@@ -120,8 +120,7 @@ class RawData:
 @dataclass
 class Dataset:
     """A normalised split: ``images`` float ``N × C × H × W``, ``labels`` int64 ``N``; ``index`` holds each
-    image's
-    position in the original file (``N``)."""
+    image's position in the original file (``N``)."""
 
     images: Tensor
     labels: Tensor
@@ -623,9 +622,8 @@ def split_indices(
     * ``train_size > 0``: the training subset is exactly what it is without validation
       (:func:`select_subset`: the first ``train_size`` images, or the seeded balanced draw), so turning
       validation on never changes what a run trains on; the ``val_size`` validation images are a uniform draw
-      without
-      replacement, seeded by ``val_seed``, from the images *outside* that subset. Needs
-      ``train_size + val_size <= N``.
+      without replacement, seeded by ``val_seed``, from the images *outside* that subset. Needs ``train_size +
+      val_size <= N``.
     * ``train_size = 0`` (all images): the validation images are that uniform draw from all ``N`` images, and
       the training set is every other image (``N - val_size`` of them).
 
@@ -719,11 +717,10 @@ def random_resized_crop(
     """Random-resized-crop of every image of a batch ``N × C × H × W``, back to ``H × W`` (bilinear).
 
     Per image: draw an area fraction in ``scale`` and a log-uniform aspect ratio in ``ratio`` until the box
-    fits
-    (up to ``attempts`` draws; otherwise the largest centred box with the ratio clamped to ``ratio``), place
-    it
-    uniformly, crop and resize. The same recipe as torchvision's ``RandomResizedCrop``, written in torch:
-    random numbers come from ``generator`` (a CPU generator), so a seeded run is reproducible on any device.
+    fits (up to ``attempts`` draws; otherwise the largest centred box with the ratio clamped to ``ratio``),
+    place it uniformly, crop and resize. The same recipe as torchvision's ``RandomResizedCrop``, written in
+    torch: random numbers come from ``generator`` (a CPU generator), so a seeded run is reproducible on any
+    device.
     """
     n, _, height, width = images.shape
     area = height * width

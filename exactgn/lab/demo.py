@@ -1,11 +1,9 @@
 """``exactgn demo``: the first command to run. GN, Adam and SGD on the bundled MNIST subset, on the CPU.
 
 Two comparisons (the shipped settings ``demo-fullbatch`` and ``demo-minibatch``), about two to three minutes
-on two
-CPU cores, no download: full-batch training on 1024 images, where exact GN drives the training loss down far
-faster than Adam and SGD, and mini-batch training on 5000 images, where the reference study found GN's
-progress
-saturating. Prints both tables and where the runs are.
+on two CPU cores, no download: full-batch training on 1024 images, where exact GN drives the training loss
+down far faster than Adam and SGD, and mini-batch training on 5000 images, where the reference study found
+GN's progress saturating. Prints both tables and where the runs are.
 """
 
 from __future__ import annotations

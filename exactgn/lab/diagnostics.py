@@ -24,11 +24,9 @@ excluded: they start at zero, so their relative change is undefined).
 Per-mini-batch loss change: :func:`loss_change_summary` summarises a run's ``steps.csv`` per epoch.
 
 Recording: :class:`DiagnosticsRecorder` (``on_epoch_end(epoch, model, optimizer) -> dict``) from a notebook or
-any
-loop; :func:`make_callback` gives ``exactgn train`` its ``[diagnostics]`` callback (``enabled``, ``every``,
-``probe_size``); :func:`diagnose_run` / ``exactgn diagnose RUN_DIR`` recompute the same records afterwards
-from
-``checkpoints/epoch_NNNN.pt``; :func:`runs_cka` compares two runs. The probe batch of a run is
+any loop; :func:`make_callback` gives ``exactgn train`` its ``[diagnostics]`` callback (``enabled``,
+``every``, ``probe_size``); :func:`diagnose_run` / ``exactgn diagnose RUN_DIR`` recompute the same records
+afterwards from ``checkpoints/epoch_NNNN.pt``; :func:`runs_cka` compares two runs. The probe batch of a run is
 :func:`probe_inputs` (its first training images). Metric names are listed in :data:`METRIC_DOC`.
 
 Everything is computed in float64 by default (a float64 copy of a float32 model), against the model at epoch
@@ -131,10 +129,8 @@ def loss_change_summary(steps: str | os.PathLike | Iterable[Mapping[str, Any]]) 
     """Per-epoch summary of the per-mini-batch loss change ``100·(ℓ_after − ℓ_before)/ℓ_before``.
 
     ``steps``: a path to ``steps.csv`` or rows with ``epoch`` and ``loss_change_pct``. Returns one dict per
-    epoch
-    (ascending): ``epoch, count, mean, std, median, min, max, q05, q25, q75, q95``. Empty and non-finite
-    values are
-    skipped (``count`` says how many were used).
+    epoch (ascending): ``epoch, count, mean, std, median, min, max, q05, q25, q75, q95``. Empty and non-finite
+    values are skipped (``count`` says how many were used).
     """
     rows = read_steps_csv(steps) if isinstance(steps, (str, os.PathLike)) else steps
     by_epoch: dict[int, list[float]] = {}
@@ -182,9 +178,8 @@ class DiagnosticsRecorder:
             meaningful near 1); ``None`` computes in the model's own dtype and needs no extra model copy.
 
     ``on_epoch_end(epoch, model, optimizer)`` returns a flat ``dict[str, float]`` (names in
-    :data:`METRIC_DOC`),
-    including ``diagnostics_time_s``; ``optimizer`` is accepted for the training loop's callback signature and
-    not used. The model is not modified and its mode/gradients are left alone.
+    :data:`METRIC_DOC`), including ``diagnostics_time_s``; ``optimizer`` is accepted for the training loop's
+    callback signature and not used. The model is not modified and its mode/gradients are left alone.
     """
 
     def __init__(
@@ -312,8 +307,7 @@ class TrainingDiagnostics:
     Wraps a :class:`DiagnosticsRecorder` created at the first call: at epoch 0 from the model as it is (the
     initialisation); on a resumed run from the initial model rebuilt from the configuration (initialisation is
     deterministic in ``seed``). The first record after a resume has no ``ntk_rate`` (the previous kernel is
-    not
-    kept across processes).
+    not kept across processes).
     """
 
     def __init__(
@@ -357,8 +351,8 @@ def make_callback(cfg: Any, data: Any) -> TrainingDiagnostics:
     """The training callback for ``[diagnostics] enabled = true`` (called by :func:`exactgn.lab.train.train`).
 
     ``cfg``: the :class:`~exactgn.lab.config.RunConfig`; ``data``: the loaded
-    :class:`~exactgn.lab.data.DataSplit`. The probe
-    batch is the first ``diagnostics.probe_size`` training images (all of them if fewer), the same images that
+    :class:`~exactgn.lab.data.DataSplit`. The probe batch is the first ``diagnostics.probe_size`` training
+    images (all of them if fewer), the same images that
     :func:`probe_inputs` gives ``exactgn diagnose``; records every ``diagnostics.every`` epochs.
     """
     size = min(int(cfg.diagnostics.probe_size), len(data.train))
@@ -397,14 +391,12 @@ def probe_inputs(config: Any, size: int, *, root: str | os.PathLike | None = Non
     d``).
 
     ``config``: a :class:`exactgn.lab.config.RunConfig` or its nested dict (a run's ``config.toml``). The
-    training set is
-    chosen exactly as training chooses it (``data.train_size``, ``data.subset``, ``data.subset_seed``,
-    ``data.val_size``, ``data.val_seed``), without
-    augmentation, and normalised with the reference statistics in the model's dtype (``model.dtype``), so the
-    values are bit-identical to training's; if the training set has fewer than ``size`` images, all of them.
-    The data root is ``root``, else ``data.root``,
-    else ``$EXACTGN_DATA``. The training loop and ``exactgn diagnose`` both use this function, so they see the
-    same probe.
+    training set is chosen exactly as training chooses it (``data.train_size``, ``data.subset``,
+    ``data.subset_seed``, ``data.val_size``, ``data.val_seed``), without augmentation, and normalised with the
+    reference statistics in the model's dtype (``model.dtype``), so the values are bit-identical to
+    training's; if the training set has fewer than ``size`` images, all of them. The data root is ``root``,
+    else ``data.root``, else ``$EXACTGN_DATA``. The training loop and ``exactgn diagnose`` both use this
+    function, so they see the same probe.
     """
     section = config.get("data", {}) if isinstance(config, Mapping) else getattr(config, "data", None)
     get = (
@@ -457,8 +449,8 @@ def runs_cka(
     ...}``.
 
     Compares the models at ``epoch`` (default: each run's final model, ``checkpoints/last.pt``) on
-    ``probe_inputs``
-    or the first ``probe_size`` training images of ``run_a``'s dataset. Both runs must use the same dataset.
+    ``probe_inputs`` or the first ``probe_size`` training images of ``run_a``'s dataset. Both runs must use
+    the same dataset.
     """
     ca, cb = read_run_config(run_a), read_run_config(run_b)
     da, db = ca.get("data", {}).get("dataset"), cb.get("data", {}).get("dataset")
@@ -509,13 +501,11 @@ def diagnose_run(
 
     Uses ``checkpoints/epoch_0000.pt`` as the initial model and every checkpoint whose epoch is a multiple of
     ``every``. ``probe_size`` defaults to the run's ``diagnostics.probe_size`` (so the records match those
-    made
-    during training), else :data:`DEFAULT_PROBE_SIZE`. The probe batch is ``probe_inputs`` (capped at
+    made during training), else :data:`DEFAULT_PROBE_SIZE`. The probe batch is ``probe_inputs`` (capped at
     ``probe_size`` rows) or, by default, the first ``probe_size`` training images of the run's dataset
-    (:func:`probe_inputs`, data root ``data_root``, else the
-    run's ``data.root``, else ``$EXACTGN_DATA``). Writes the records as JSON lines to ``out`` (default
-    ``RUN_DIR/diagnostics.jsonl``; an existing
-    file is replaced only with ``overwrite=True``); ``out=False`` writes nothing.
+    (:func:`probe_inputs`, data root ``data_root``, else the run's ``data.root``, else ``$EXACTGN_DATA``).
+    Writes the records as JSON lines to ``out`` (default ``RUN_DIR/diagnostics.jsonl``; an existing file is
+    replaced only with ``overwrite=True``); ``out=False`` writes nothing.
     """
     run = Path(run_dir)
     ckpts = epoch_checkpoints(run)

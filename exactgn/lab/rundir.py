@@ -4,8 +4,7 @@ Paths (:func:`config_path`, :func:`meta_path`, :func:`last_checkpoint`, :func:`e
 CSV + JSON-lines logs (:class:`RunLog` writes, :func:`read_rows` / :func:`read_jsonl` read), ``meta.json``
 (:func:`write_meta`, :func:`read_meta`, :func:`meta_value`) and the provenance every writer records
 (:func:`provenance`, one set of key names). Every row is flushed as it is written, so a crash loses at most
-the
-row being written; readers skip a torn last line. ``meta.json`` is replaced atomically.
+the row being written; readers skip a torn last line. ``meta.json`` is replaced atomically.
 """
 
 from __future__ import annotations

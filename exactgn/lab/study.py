@@ -24,29 +24,21 @@ start
     config = "mnist-minibatch-cpu/gn"
     init_from = "adam"                      # an earlier run of this study: start from its weights ...
     init_epoch = 5                          # ... at epoch 5 (its checkpoints/epoch_0005.pt); default: its
-    final weights
-    set = { "train.epochs" = 5 }
+    final weights set = { "train.epochs" = 5 }
 
 ``init_from`` sets the run's ``model.init_from`` to the source's checkpoint (weights, fixed bottlenecks and
-readout;
-a fresh optimiser); the source must finish first, so runs are listed in dependency order. Every run's
-configuration
-is checked when the file is read (keys, values, matching architectures, the epoch checkpoint being kept),
-before
-anything trains.
+readout; a fresh optimiser); the source must finish first, so runs are listed in dependency order. Every run's
+configuration is checked when the file is read (keys, values, matching architectures, the epoch checkpoint
+being kept), before anything trains.
 
 Running the same study again skips finished runs, resumes interrupted ones and starts missing ones; a run
-folder made
-with a different configuration is an error (choose another ``--out``). When a run diverges or fails, the runs
-that
-start from it are skipped. ``OUT/study.json`` lists the runs; ``OUT/results.csv`` and ``OUT/results.md`` hold
-the
-final and best results per run, with ``start_epoch`` (the source epoch a switched run starts from) so that its
-curve can be placed after its source's.
+folder made with a different configuration is an error (choose another ``--out``). When a run diverges or
+fails, the runs that start from it are skipped. ``OUT/study.json`` lists the runs; ``OUT/results.csv`` and
+``OUT/results.md`` hold the final and best results per run, with ``start_epoch`` (the source epoch a switched
+run starts from) so that its curve can be placed after its source's.
 
 Shipped studies live in ``exactgn/lab/configs/studies/`` (``exactgn study --list``), each as a reference-size
-file and a
-CPU-sized ``*-cpu`` twin.
+file and a CPU-sized ``*-cpu`` twin.
 """
 
 from __future__ import annotations
@@ -286,10 +278,8 @@ def run_config(
     spec: StudySpec, run: StudyRun, out: Path | None = None, *, check_only: bool = False
 ) -> RunConfig:
     """The resolved configuration of ``run``: its config file with the study's and the run's overrides, and,
-    for a
-    run with ``init_from``, ``model.init_from`` set to the source's checkpoint in ``out`` (which must exist
-    unless
-    ``check_only``, where a placeholder stands in)."""
+    for a run with ``init_from``, ``model.init_from`` set to the source's checkpoint in ``out`` (which must
+    exist unless ``check_only``, where a placeholder stands in)."""
     overrides = dict(run.overrides)
     if run.init_from is not None and not check_only:
         if out is None:
@@ -301,8 +291,8 @@ def run_config(
 # ---------------------------------------------------------------------------- running
 def _differences(run_dir: Path, cfg: RunConfig, run: StudyRun) -> list[str]:
     """Keys whose value in ``run_dir/config.toml`` differs from ``cfg`` (ignoring paths, devices and speed),
-    and, for
-    a run started from an earlier run, whether that source checkpoint has changed since (its SHA-256)."""
+    and, for a run started from an earlier run, whether that source checkpoint has changed since (its
+    SHA-256)."""
     saved = flatten(to_dict(load_config(config_path(run_dir))))
     now = flatten(to_dict(cfg))
     ignored = _IGNORED_KEYS + (
@@ -466,8 +456,7 @@ def run_study(
     folder.
 
     A sweep file goes to :func:`exactgn.lab.sweep.run_sweep` (``backend`` applies; ``overrides`` are refused:
-    put them in
-    the sweep's ``[set]``); a list of runs is run in order (``overrides`` apply to every run).
+    put them in the sweep's ``[set]``); a list of runs is run in order (``overrides`` apply to every run).
     """
     path = find_study(study).resolve()
     if study_kind(path) == "sweep":

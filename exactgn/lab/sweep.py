@@ -29,9 +29,8 @@ A sweep file names a base run configuration and the keys to vary::
     one
 
 Trials are drawn here, not by Ray, so both back-ends run exactly the same trials. Each trial is an ordinary
-run
-folder ``OUT/trial-NNN`` (``docs/run-folder.md``); ``OUT/sweep.json`` lists the trials and their overrides and
-``OUT/results.csv`` their final and best results. Running the same sweep again skips finished trials and
+run folder ``OUT/trial-NNN`` (``docs/run-folder.md``); ``OUT/sweep.json`` lists the trials and their overrides
+and ``OUT/results.csv`` their final and best results. Running the same sweep again skips finished trials and
 resumes interrupted ones. On a multi-machine Ray cluster, ``OUT`` must be on a filesystem every node can
 write.
 """

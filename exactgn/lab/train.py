@@ -1,9 +1,8 @@
 """One training loop for Gauss–Newton, Adam and SGD, full-batch and mini-batch, on any device.
 
 :func:`train` runs a :class:`~exactgn.lab.config.RunConfig` into a run folder (``docs/run-folder.md``):
-per-step and
-per-epoch logs, checkpoints every ``train.checkpoint_every`` epochs, at the end and on Ctrl-C, and
-``--resume``. On the CPU a resumed run ends with bit-identical weights to an uninterrupted one.
+per-step and per-epoch logs, checkpoints every ``train.checkpoint_every`` epochs, at the end and on Ctrl-C,
+and ``--resume``. On the CPU a resumed run ends with bit-identical weights to an uninterrupted one.
 
 Stopping:
 

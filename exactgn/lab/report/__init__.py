@@ -1,12 +1,11 @@
 """``exactgn report``: PNG figures and one self-contained HTML page from run folders (docs/run-folder.md).
 
 Runs are grouped into *panels* by dataset and batch setting (full-batch when ``train.batch_size`` is 0 or
-covers
-the whole training set, else mini-batch), and within a panel into *series*: runs whose configurations are
-equal
-apart from seeds (any key ending in ``seed``) and bookkeeping keys (``exactgn.lab.config.BOOKKEEPING_KEYS``,
-and the diagnostics settings). A series of several seeds is drawn as the mean over seeds with a shaded band:
-min–max over seeds by default, or ±1 standard deviation (``band="std"``).
+covers the whole training set, else mini-batch), and within a panel into *series*: runs whose configurations
+are equal apart from seeds (any key ending in ``seed``) and bookkeeping keys
+(``exactgn.lab.config.BOOKKEEPING_KEYS``, and the diagnostics settings). A series of several seeds is drawn as
+the mean over seeds with a shaded band: min–max over seeds by default, or ±1 standard deviation
+(``band="std"``).
 
 :mod:`.runs` reads and groups, :mod:`.figures` draws, :mod:`.html` writes the page.
 """
@@ -59,14 +58,12 @@ def make_report(
     matched_loss: float | None = None,
 ) -> Path:
     """Write ``out/index.html`` (self-contained: figures embedded) and the figures as ``out/*.png``; returns
-    the
-    HTML path. ``paths``: run folders or folders that contain run folders. ``band``: ``"minmax"`` or
+    the HTML path. ``paths``: run folders or folders that contain run folders. ``band``: ``"minmax"`` or
     ``"std"``.
 
     ``cross_cka``: also compute linear CKA between the final models (``checkpoints/last.pt``) of every pair of
     series of a dataset, on its first ``probe_size`` training images (needs the data; root ``data_root``, else
-    the
-    runs' ``data.root``, else ``$EXACTGN_DATA``).
+    the runs' ``data.root``, else ``$EXACTGN_DATA``).
 
     ``matched_loss``: with several runs, add the table "diagnostics at matched training loss" (each run's
     first diagnostics record at or below that training loss, :mod:`exactgn.lab.evidence`).

@@ -1,10 +1,8 @@
 """The report's figures (matplotlib, imported when a figure is drawn): per panel, and CKA between series.
 
 Per panel: train/test loss and accuracy per epoch; the per-mini-batch loss change per epoch; and, where the
-runs
-have ``diagnostics.jsonl``: NTK alignment (with the reference's random-probe estimate) and rate of change, CKA
-of
-every block against initialisation, and the weight change of every half-layer (the metrics of
+runs have ``diagnostics.jsonl``: NTK alignment (with the reference's random-probe estimate) and rate of
+change, CKA of every block against initialisation, and the weight change of every half-layer (the metrics of
 :data:`exactgn.metrics.METRIC_DOC`).
 """
 

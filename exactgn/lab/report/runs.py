@@ -1,18 +1,14 @@
 """Reading run folders for a report, grouping them into panels and series, and aggregating seeds.
 
 Runs are grouped into *panels* by dataset and batch setting (full-batch when ``train.batch_size`` is 0 or
-covers the
-whole training set, else mini-batch), and within a panel into *series*: runs whose configurations are equal
-apart
-from seeds (any key ending in ``seed``) and bookkeeping keys (name, description, data root, device, threads,
-checkpointing, diagnostics settings). A series of several seeds is drawn as the mean over seeds with a shaded
-band: min–max over seeds by default, or ±1 standard deviation (``band="std"``).
+covers the whole training set, else mini-batch), and within a panel into *series*: runs whose configurations
+are equal apart from seeds (any key ending in ``seed``) and bookkeeping keys (name, description, data root,
+device, threads, checkpointing, diagnostics settings). A series of several seeds is drawn as the mean over
+seeds with a shaded band: min–max over seeds by default, or ±1 standard deviation (``band="std"``).
 
 Figures per panel: train/test loss and accuracy per epoch; the per-mini-batch loss change per epoch; and,
-where the
-runs have ``diagnostics.jsonl``: NTK alignment (with the reference's random-probe estimate) and rate of
-change, CKA
-of every block against initialisation, and the weight change of every half-layer.
+where the runs have ``diagnostics.jsonl``: NTK alignment (with the reference's random-probe estimate) and rate
+of change, CKA of every block against initialisation, and the weight change of every half-layer.
 """
 
 from __future__ import annotations
@@ -203,8 +199,7 @@ def _freeze(v: Any) -> Any:
 
 def _panel_key(run: Run) -> tuple[str, str]:
     """``(dataset, setting)``: full-batch when the batch covers the training set (as ``meta.json`` records the
-    actual
-    sizes, else as ``train.batch_size = 0`` or ``>= data.train_size`` says), otherwise mini-batch."""
+    actual sizes, else as ``train.batch_size = 0`` or ``>= data.train_size`` says), otherwise mini-batch."""
     dataset = str(run.get("data.dataset", "?"))
     batch = run.get("train.batch_size")
     train_size = run.get("data.train_size", 0) or 0
@@ -296,10 +291,8 @@ def aggregate_seeds(
     """Mean and band of ``key`` against ``epoch`` over the runs of one series: ``(epochs, mean, lo, hi)``.
 
     ``rows_per_run``: one list of records (with ``epoch`` and ``key``) per run. At each epoch, the runs that
-    have a
-    finite value there are used. ``band``: ``"minmax"`` (lo, hi = min, max over runs) or ``"std"`` (mean ±
-    population
-    standard deviation). ``None`` when no run has the key.
+    have a finite value there are used. ``band``: ``"minmax"`` (lo, hi = min, max over runs) or ``"std"``
+    (mean ± population standard deviation). ``None`` when no run has the key.
     """
     values: dict[float, list[float]] = {}
     for rows in rows_per_run:
