@@ -268,7 +268,7 @@ APPENDIX = ("long-training", "switch-optimiser", "init-scale", "gn-lr", "weight-
 # Issue 9's evidence studies exist only CPU-sized: tuning on the CPU twins and its follow-ups (they load below).
 CPU_ONLY = ("tuning/minibatch-cpu", "tuning/fullbatch-cpu", "tuning/cifar10-fullbatch-cpu",
             "tuning/final-minibatch-cpu", "tuning/final-fullbatch-cpu", "tuning/final-cifar10-fullbatch-cpu",
-            "long-minibatch-cpu", "inverse/fullbatch-b128-cpu")
+            "long-minibatch-cpu", "inverse/fullbatch-b128-cpu", "inverse/faithful-cpu")
 
 
 def test_every_appendix_study_ships_in_both_sizes_and_loads():
