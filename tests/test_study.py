@@ -351,6 +351,7 @@ CPU_ONLY = (
     "tuning/final-cifar10-fullbatch-cpu",
     "long-minibatch-cpu",
     "inverse/fullbatch-b128-cpu",
+    "inverse/faithful-cpu",
 )
 
 
