@@ -392,6 +392,8 @@ def _run_report(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- sweep
 def _add_sweep(sub: Sub) -> None:
+    from .lab.specs import BACKENDS
+
     p = sub.add_parser(
         "sweep",
         help="grid or random search over config keys, on Ray Tune or one trial after another",
@@ -407,7 +409,7 @@ def _add_sweep(sub: Sub) -> None:
         "sweep", metavar="SWEEP.toml", help="the sweep file (see the module docstring or the README)"
     )
     p.add_argument("--out", metavar="DIR", help="sweep folder (default sweeps/<name>)")
-    p.add_argument("--backend", choices=("auto", "ray", "sequential"), help="override the file's backend")
+    p.add_argument("--backend", choices=BACKENDS, help="override the file's backend")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_run_sweep)
 
@@ -423,6 +425,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- study
 def _add_study(sub: Sub) -> None:
+    from .lab.specs import BACKENDS
     from .lab.study import shipped_lines
 
     p = sub.add_parser(
@@ -462,7 +465,7 @@ def _add_study(sub: Sub) -> None:
     )
     p.add_argument(
         "--backend",
-        choices=("auto", "ray", "sequential"),
+        choices=BACKENDS,
         help="sweep files only: override the file's backend",
     )
     p.add_argument("--list", action="store_true", help="list the shipped studies and exit")
@@ -524,6 +527,8 @@ def _hidden(text: str) -> int | None:
 
 
 def _add_bench(sub: Sub) -> None:
+    from .precision import DTYPES
+
     p = sub.add_parser(
         "bench",
         help="time forward, Adam and both GN steps on one model",
@@ -544,10 +549,10 @@ def _add_bench(sub: Sub) -> None:
     )
     p.add_argument("--repeats", type=int, default=10, help="timed repetitions per step (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed repetitions first (default 2)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.add_argument(
         "--solve-dtype",
-        choices=("float32", "float64"),
+        choices=tuple(DTYPES),
         default=None,
         help="precision of the Gram factorisations (default: the model's)",
     )
