@@ -226,7 +226,7 @@ class DiagnosticsRecorder:
         cls, path: str | os.PathLike, probe_inputs: Tensor, **kwargs: Any
     ) -> "DiagnosticsRecorder":
         """A recorder whose initial model is read from an epoch checkpoint (``checkpoints/epoch_NNNN.pt``)."""
-        model, epoch = load_checkpoint_model(path)
+        model, epoch = load_model(path)
         kwargs.setdefault("init_epoch", epoch)
         return cls(model, probe_inputs, **kwargs)
 
@@ -525,7 +525,7 @@ def diagnose_run(
         epochs = tqdm(epochs, desc=f"diagnose {run.name}", unit="ckpt")
     records = []
     for epoch in epochs:
-        model, ck_epoch = load_checkpoint_model(ckpts[epoch])
+        model, ck_epoch = load_model(ckpts[epoch])
         if ck_epoch != epoch:
             raise ValueError(f"{ckpts[epoch]} says epoch {ck_epoch}, but its name says epoch {epoch}")
         records.append(recorder.on_epoch_end(epoch, model, None))

@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..metrics import representation_cka
-from .checkpoint import read_payload
+from .checkpoint import load_model, read_payload
 from .config import read_toml
-from .diagnostics import DEFAULT_PROBE_SIZE, load_checkpoint_model, probe_inputs, read_diagnostics
+from .diagnostics import DEFAULT_PROBE_SIZE, probe_inputs, read_diagnostics
 from .rundir import config_path, diagnostics_path, epoch_checkpoints, last_checkpoint, log_path, read_rows
 
 __all__ = [
@@ -226,8 +226,8 @@ def cross_cka_at_loss(
         return out
     probe = probe_inputs(cfg_a, size, root=data_root).double()
     out["probe_size"] = probe.shape[0]
-    model_a, model_b = (load_checkpoint_model(ck[m.epoch])[0].double() for ck, m in ((ck_a, ma), (ck_b, mb)))
-    init_a, init_b = (load_checkpoint_model(ck[0])[0].double() for ck in (ck_a, ck_b))
+    model_a, model_b = (load_model(ck[m.epoch])[0].double() for ck, m in ((ck_a, ma), (ck_b, mb)))
+    init_a, init_b = (load_model(ck[0])[0].double() for ck in (ck_a, ck_b))
     out["cross"] = representation_cka(model_a, model_b, probe, unbiased=unbiased)
     out["a_init"] = representation_cka(model_a, init_a, probe, unbiased=unbiased)
     out["b_init"] = representation_cka(model_b, init_b, probe, unbiased=unbiased)
