@@ -16,6 +16,8 @@ the markers is prose and is never touched. What each ID shows is registered in `
     where = { "data.val_size" = 5000 }   # optional: only runs whose config has these values
 
 Kinds: ``groups`` (mean ± sd over the runs of each group, with n: seeds), ``runs`` (one row per run),
+``curve`` (epochs.csv column ``key`` at the listed ``epochs``, one column per group, mean ± sd of its runs),
+``paired`` (``a`` − ``b`` of one ``column`` per seed, for each entry of ``rows = [{label, folders, where}]``),
 ``matched`` (diagnostics at matched training loss ``loss = 0.3``, exactgn.lab.evidence), ``csv`` (a committed
 CSV file ``file = "NAME/table.csv"`` as it is). Columns: ``final:KEY`` / ``best:KEY`` (epochs.csv: last row;
 best = highest accuracy or lowest loss over epochs >= 1), ``diag:KEY`` (last diagnostics record), ``meta:KEY``
@@ -41,7 +43,7 @@ from exactgn.lab.config import flatten, read_toml  # noqa: E402
 from exactgn.lab.diagnostics import read_diagnostics  # noqa: E402
 from exactgn.lab.rundir import read_meta, read_rows  # noqa: E402
 
-KINDS = ("groups", "runs", "matched", "csv")
+KINDS = ("groups", "runs", "matched", "csv", "curve", "paired")
 SOURCES = ("final", "best", "diag", "meta", "config")
 _MARK = re.compile(r"(<!-- table: (?P<id>[A-Za-z0-9_.-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 
@@ -106,6 +108,8 @@ def _check_table(spec: dict[str, Any]) -> None:
         "runs": ("folders", "columns"),
         "matched": ("folders", "loss"),
         "csv": ("file",),
+        "curve": ("folders", "group", "key", "epochs"),
+        "paired": ("rows", "a", "b", "column"),
     }[spec["kind"]]
     missing = [k for k in need if k not in spec]
     if missing:
@@ -215,14 +219,76 @@ def csv_table(results: Path, spec: dict[str, Any]) -> str:
     return _markdown(rows[0], rows[1:])
 
 
+def _epoch_value(run: Path, key: str, epoch: int) -> Any:
+    rows = [r for r in read_rows(run / "epochs.csv") if r.get("epoch") == epoch]
+    return rows[0].get(key) if rows else None
+
+
+def curve_table(results: Path, spec: dict[str, Any]) -> str:
+    """One row per listed epoch, one column per group: mean ± sd of ``key`` over the group's runs."""
+    runs = _selected(find_runs(results, spec["folders"]), spec.get("where", {}))
+    groups: dict[tuple, list[Path]] = {}
+    for run in runs:
+        key = tuple(_config_value(read_toml(run / "config.toml"), k) for k in spec["group"])
+        groups.setdefault(key, []).append(run)
+    order = sorted(groups, key=lambda k: tuple(str(x) for x in k))
+    head = ["epoch", *(" ".join(fmt(x) for x in k) + f" {spec['key']}" for k in order)]
+    rows = []
+    for epoch in spec["epochs"]:
+        cells = [
+            mean_sd([_epoch_value(r, spec["key"], epoch) for r in groups[k]], spec["key"]) for k in order
+        ]
+        rows.append([str(epoch), *(c.replace(" (n=", " (").split(" (")[0] for c in cells)])
+    counts = ", ".join(f"{' '.join(fmt(x) for x in k)}: {len(groups[k])}" for k in order)
+    return _markdown(head, rows) + f"\nRuns per column (mean ± sd over seeds): {counts}.\n"
+
+
+def paired_table(results: Path, spec: dict[str, Any]) -> str:
+    """Per row (a setting): ``a`` − ``b`` of ``column`` for each seed both have, and their mean."""
+    column, a, b = spec["column"], spec["a"], spec["b"]
+    scale = 100.0 if _is_acc(column) else 1.0
+    table, seeds_seen = [], set()
+    for row in spec["rows"]:
+        runs = _selected(find_runs(results, row["folders"]), row.get("where", {}))
+        by: dict[tuple[str, Any], Any] = {}
+        for run in runs:
+            config = read_toml(run / "config.toml")
+            by[(evidence.contender(config), config.get("seed"))] = value(run, column)
+        seeds = sorted({s for c, s in by if c == a} & {s for c, s in by if c == b}, key=str)
+        diffs = {s: scale * (by[(a, s)] - by[(b, s)]) for s in seeds if None not in (by[(a, s)], by[(b, s)])}
+        seeds_seen.update(diffs)
+        table.append((row["label"], diffs))
+    seeds = sorted(seeds_seen, key=str)
+    head = ["setting", *(f"seed {s}" for s in seeds), "mean", "min"]
+    rows = []
+    for label, diffs in table:
+        vals = list(diffs.values())
+        cells = [f"{diffs[s]:+.2f}" if s in diffs else "-" for s in seeds]
+        rows.append(
+            [
+                label,
+                *cells,
+                f"**{statistics.mean(vals):+.2f}**" if vals else "-",
+                f"{min(vals):+.2f}" if vals else "-",
+            ]
+        )
+    return _markdown(head, rows)
+
+
 def render(results: Path, spec: dict[str, Any]) -> str:
     """The generated block of one table: the table and a line naming its sources."""
     _check_table(spec)
-    make = {"groups": groups_table, "runs": runs_table, "matched": matched_table, "csv": csv_table}[
-        spec["kind"]
-    ]
+    make = {
+        "groups": groups_table,
+        "runs": runs_table,
+        "matched": matched_table,
+        "csv": csv_table,
+        "curve": curve_table,
+        "paired": paired_table,
+    }[spec["kind"]]
     table = make(results, spec)
-    sources = ", ".join(f"results/{f}" for f in spec.get("folders", [])) or f"results/{spec.get('file')}"
+    folders = spec.get("folders") or sorted({f for row in spec.get("rows", []) for f in row["folders"]})
+    sources = ", ".join(f"results/{f}" for f in folders) or f"results/{spec.get('file')}"
     return f"{table}\n<sub>Generated by scripts/results_tables.py ({spec['id']}) from {sources}.</sub>\n"
 
 
