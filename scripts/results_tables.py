@@ -18,7 +18,8 @@ the markers is prose and is never touched. What each ID shows is registered in `
 Kinds: ``groups`` (mean ± sd over the runs of each group, with n: seeds), ``runs`` (one row per run),
 ``curve`` (epochs.csv column ``key`` at the listed ``epochs``, one column per group, mean ± sd of its runs),
 ``paired`` (``a`` − ``b`` of one ``column`` per seed, for each entry of ``rows = [{label, folders, where}]``),
-``matched`` (diagnostics at matched training loss ``loss = 0.3``, exactgn.lab.evidence), ``csv`` (a committed
+``matched`` (diagnostics at matched training loss ``loss = 0.3``, exactgn.lab.evidence; one row per run, or
+per ``group`` with mean ± sd over the runs that reach the loss), ``csv`` (a committed
 CSV file ``file = "NAME/table.csv"`` as it is). Columns: ``final:KEY`` / ``best:KEY`` (epochs.csv: last row;
 best = highest accuracy or lowest loss over epochs >= 1), ``diag:KEY`` (last diagnostics record), ``meta:KEY``
 (meta.json), ``config:KEY`` (the run's config). Accuracies are shown in percent.
@@ -198,8 +199,45 @@ def runs_table(results: Path, spec: dict[str, Any]) -> str:
     return _markdown(head, rows)
 
 
+MATCHED_KEYS = (
+    ("NTK alignment", "ntk_alignment"),
+    ("‖W−W0‖/‖W0‖", "weight_rel_change/all"),
+    ("CKA b0 vs init", "cka/block0"),
+    ("CKA b1 vs init", "cka/block1"),
+    ("CKA Δ b0 vs init", "cka_delta/block0"),
+    ("CKA Δ b1 vs init", "cka_delta/block1"),
+)
+
+
+def matched_groups_table(results: Path, spec: dict[str, Any], runs: list[Path]) -> str:
+    """Per group: how many runs reach the loss, their matched epoch and actual loss, and the diagnostics there
+    (mean ± sd over the runs that reached it)."""
+    target = float(spec["loss"])
+    groups: dict[tuple, list[evidence.Matched]] = {}
+    for run in runs:
+        key = tuple(_config_value(read_toml(run / "config.toml"), k) for k in spec["group"])
+        groups.setdefault(key, []).append(evidence.diagnostics_at_loss(run, target))
+    head = [
+        *spec["group"],
+        f"reached loss ≤ {target:g}",
+        "epoch",
+        "actual loss",
+        *(h for h, _ in MATCHED_KEYS),
+    ]
+    rows = []
+    for key in sorted(groups, key=lambda k: tuple(str(x) for x in k)):
+        hits = [m for m in groups[key] if m.reached]
+        cells = [f"{len(hits)} of {len(groups[key])}", mean_sd([m.epoch for m in hits], "epoch")]
+        cells.append(mean_sd([m.train_loss for m in hits], "loss"))
+        cells += [mean_sd([m.record.get(k) for m in hits], k) for _, k in MATCHED_KEYS]
+        rows.append([*(fmt(k) for k in key), *cells])
+    return _markdown(head, rows)
+
+
 def matched_table(results: Path, spec: dict[str, Any]) -> str:
     runs = _selected(find_runs(results, spec["folders"]), spec.get("where", {}))
+    if spec.get("group"):
+        return matched_groups_table(results, spec, runs)
     head, rows = evidence.matched_loss_table(runs, float(spec["loss"]))
     for row, run in zip(rows, runs):
         row[0] = run.relative_to(results).as_posix()

@@ -162,6 +162,17 @@ def test_curve_is_mean_and_sd_per_epoch_and_group(results):
     assert "adam: 3, jflat: 3" in lines[5]
 
 
+def test_matched_groups_average_the_runs_that_reach_the_loss(results):
+    spec = {"id": "m", "kind": "matched", "folders": ["final"], "loss": 0.6, "group": ["contender"]}
+    lines = RT.render(results, spec).splitlines()
+    assert lines[0].startswith("| contender | reached loss ≤ 0.6 | epoch | actual loss | NTK alignment |")
+    adam = next(line for line in lines if line.startswith("| adam |"))
+    assert adam.startswith("| adam | 0 of 3 | - | - | - |")  # adam's lowest loss is 0.9: never reached
+    gn = next(line for line in lines if line.startswith("| jflat |"))
+    align = [0.8, 0.79, 0.78]  # epoch 2 records of seeds 42, 43, 44
+    assert gn.startswith(f"| jflat | 3 of 3 | 2 ± 0 (n=3) | 0.5 ± 0 (n=3) | {statistics.mean(align):.4g} ± ")
+
+
 def test_paired_differences_are_per_seed(results):
     spec = {
         "id": "p",
