@@ -17,7 +17,7 @@ the markers is prose and is never touched. What each ID shows is registered in `
 
 Kinds: ``groups`` (mean ± sd over the runs of each group, with n: seeds), ``runs`` (one row per run),
 ``curve`` (epochs.csv column ``key`` at the listed ``epochs``, one column per group, mean ± sd of its runs),
-``paired`` (``a`` − ``b`` of one ``column`` per seed, for each entry of ``rows = [{label, folders, where}]``),
+``paired`` (``a`` − ``b`` of a ``column`` per seed, for each of ``rows = [{label, folders, where, a?, b?}]``),
 ``matched`` (diagnostics at matched training loss ``loss = 0.3``, exactgn.lab.evidence; one row per run, or
 per ``group`` with mean ± sd over the runs that reach the loss), ``csv`` (a committed
 CSV file ``file = "NAME/table.csv"`` as it is). Columns: ``final:KEY`` / ``best:KEY`` (epochs.csv: last row;
@@ -283,10 +283,11 @@ def curve_table(results: Path, spec: dict[str, Any]) -> str:
 
 def paired_table(results: Path, spec: dict[str, Any]) -> str:
     """Per row (a setting): ``a`` − ``b`` of ``column`` for each seed both have, and their mean."""
-    column, a, b = spec["column"], spec["a"], spec["b"]
+    column = spec["column"]
     scale = 100.0 if _is_acc(column) else 1.0
     table, seeds_seen = [], set()
     for row in spec["rows"]:
+        a, b = row.get("a", spec["a"]), row.get("b", spec["b"])  # a row may compare other contenders
         runs = _selected(find_runs(results, row["folders"]), row.get("where", {}))
         by: dict[tuple[str, Any], Any] = {}
         for run in runs:
