@@ -72,6 +72,7 @@ sphinx_gallery_conf = {
 
 html_theme = "furo"
 html_title = f"exactgn {release}"
-html_static_path = []
+html_static_path = ["_static"]
+html_css_files = ["exactgn.css"]
 html_theme_options = {"navigation_with_keys": True}
 html_show_sourcelink = False

@@ -77,8 +77,9 @@ assert runs["GN, minimum norm J⁺"][0][-1] < 0.1 * runs["GN, minimum norm J⁺"
 # The figure: training loss (before each step) and test accuracy (after it).
 fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
 for name, (losses, acc) in runs.items():
-    left.plot(range(STEPS), losses, label=name)
-    right.plot(range(1, STEPS + 1), acc, label=name)
+    style = "--" if "J♭" in name else "-"  # the two GN losses nearly coincide: J♭ dashed
+    left.plot(range(STEPS), losses, style, label=name)
+    right.plot(range(1, STEPS + 1), acc, style, label=name)
 left.set(yscale="log", xlabel="step", ylabel="training loss (cross-entropy)")
 right.set(xlabel="step", ylabel="test accuracy (1000 images)")
 left.legend(fontsize=8)
