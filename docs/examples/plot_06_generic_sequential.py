@@ -1,6 +1,6 @@
 """
-Exact GN on your own ``nn.Sequential`` (``exactgn.generic``)
-============================================================
+Exact GN on your own ``nn.Sequential``
+======================================
 
 The minimum-norm step ``J⁺v`` does not need a reversible network: :func:`exactgn.generic_direction` computes
 it for any module that maps one input per sample to ``k`` logits, through the exact NTK Gram ``JJᵀ``
