@@ -431,7 +431,8 @@ def generic_direction(
         model: maps inputs ``B × …`` to logits ``B × k``; samples must not interact (no BatchNorm in training
             mode). Its trainable parameters (``requires_grad``) are the ones stepped.
         inputs, targets, loss, hessian, rtol, atol, damping, least_squares, solve_dtype: as in
-            :func:`exactgn.gn_direction`. ``inverse`` must be ``"pinv"``.
+            :func:`exactgn.gn_direction`.
+        inverse: must be ``"pinv"`` (the right inverse ``J♭`` exists only for a :class:`~exactgn.RevMLP`).
         memory_bound: bytes of per-sample Jacobian held at once (parameters outside structured ``nn.Linear``).
         structured: ``False`` sends every parameter through per-sample Jacobians (slow; for tied weights).
 

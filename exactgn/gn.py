@@ -426,6 +426,9 @@ def compute_direction(
 ) -> GNResult:
     """:func:`gn_direction` with everything it computed on the way (logits, loss, ``v``, solve reports).
 
+    Same arguments as :func:`gn_direction`; returns a :class:`GNResult` (``direction`` shaped like the
+    parameters, ``logits`` and ``v``: ``B × k``).
+
     For a float16/bfloat16 model, ``logits``, ``targets``, ``v`` and ``loss`` are in float32 (the precision
     the step was computed in); the direction is in the model's dtype.
     """

@@ -2,16 +2,16 @@
 
 Kernel (NTK) on a fixed probe batch, computed exactly by :func:`exactgn.gn.ntk_gram`:
 
-* :func:`kernel_alignment` — ``⟨Θ_0, Θ_t⟩_F / (‖Θ_0‖_F ‖Θ_t‖_F)``, 1 when the kernel has not moved (up to
-scale).
+* :func:`kernel_alignment` — ``⟨Θ_0, Θ_t⟩_F / (‖Θ_0‖_F ‖Θ_t‖_F)``, 1 when the kernel has not moved
+  (up to scale).
 * :func:`ntk_rate` — the rate of change between two records ``(1 − alignment(Θ_prev, Θ_t)) / Δepochs``.
 * :func:`ntk_probe_cosine` — the reference study's cheaper *estimate*: the cosine between ``Θ_0 w`` and
   ``Θ_t w`` for one fixed random probe vector ``w``.
 
 Representations: :func:`linear_cka` (biased, or the unbiased HSIC of Song et al. 2012), :func:`block_outputs`,
 :func:`block_increments`, :func:`representation_cka`. Weights: :func:`weight_rel_change`,
-:func:`weight_cosine`,
-:func:`weight_metrics` (weights ``W`` only; biases start at zero, so their relative change is undefined).
+:func:`weight_cosine`, :func:`weight_metrics` (weights ``W`` only; biases start at zero, so their relative
+change is undefined).
 :data:`METRIC_DOC` is the catalogue of every metric name a recorder emits (``exactgn.lab.diagnostics``).
 """
 

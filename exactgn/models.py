@@ -59,7 +59,8 @@ class MLP(nn.Module):
         bias: whether every layer has a trainable bias.
         init_std: standard deviation of every weight; ``None`` (default) scales by fan-in,
             ``gain/√fan_in`` (He for ReLU/GELU, LeCun for tanh/identity).
-        seed: seeds every weight; dtype: floating dtype of all tensors.
+        seed: seeds every weight.
+        dtype: floating dtype of all tensors.
 
     ``model(x)`` maps ``B × d`` (or images that flatten to ``d``) to logits ``B × k``. ``model.layers`` holds
     the ``nn.Linear`` layers in forward order.
@@ -168,10 +169,14 @@ class ResMLP(nn.Module):
     reversible).
 
     Args:
-        in_features: ``d``; num_classes: ``k`` (at most ``d``); num_blocks: ``L``.
+        in_features: ``d``, the flattened input size.
+        num_classes: ``k``, the number of logits (at most ``d``).
+        num_blocks: ``L``, the number of residual blocks.
         hidden: ``h``, the bottleneck width, or ``None`` for blocks ``z + φ(z) Wᵀ + β`` with ``W`` ``d × d``.
-        bias: trainable bias per block; init_std: std of the trainable weights (RevMLP's reference: ``1e-3``).
-        seed: seeds the bottlenecks, readout and weights; dtype: floating dtype of all tensors.
+        bias: whether every block has a trainable bias.
+        init_std: standard deviation of the trainable weights (RevMLP's reference: ``1e-3``).
+        seed: seeds the bottlenecks, readout and weights.
+        dtype: floating dtype of all tensors.
 
     ``model(x)``: ``B × d`` (or images) → logits ``B × k``. Trainable: ``blocks[l].out`` only;
     ``blocks[l].proj`` (``C_lᵀ``) and ``readout`` (``Uᵀ``) are frozen ``nn.Linear`` layers.

@@ -29,16 +29,16 @@ class GaussNewton(torch.optim.Optimizer):
     """Exact Gauss–Newton: ``θ ← θ − lr·(Δθ + weight_decay·θ + ξ)`` with ``Δθ`` from
     :func:`exactgn.gn_direction`.
 
-    Unlike torch's optimisers, :meth:`step` takes the batch: ``opt.step(inputs, targets)``. It needs no
-    ``backward()``. Learning-rate schedulers and ``state_dict``/``load_state_dict`` work as usual.
+    Unlike torch's optimisers, :meth:`step` takes the batch: ``opt.step(inputs, targets)``, inputs ``B × d``,
+    targets ``B`` (class indices) or ``B × k``. It needs no ``backward()``. Learning-rate schedulers and
+    ``state_dict``/``load_state_dict`` work as usual.
 
     Args:
         model: the :class:`RevMLP` to train, or any ``torch.nn.Module`` with ``inverse="pinv"``
             (:mod:`exactgn.generic`).
         lr: learning rate. With ``lr=1`` the linearised model fits ``v`` exactly on the batch.
         params: optional parameter groups (each with its own ``lr``, ``weight_decay``, ``noise``); together
-        they
-            must hold every trainable parameter of ``model``, since the GN direction moves all of them.
+            they must hold every trainable parameter of ``model``, since the GN direction moves all of them.
         loss, hessian, inverse, rtol, atol, damping, least_squares: as in :func:`exactgn.gn_direction`.
         weight_decay: adds ``weight_decay·θ`` to the direction (so it decays by ``lr·weight_decay`` a step).
         noise: adds Gaussian noise with standard deviation ``noise × RMS(Δθ)`` per parameter tensor to the
@@ -120,6 +120,9 @@ class GaussNewton(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, inputs: Tensor, targets: Tensor) -> Tensor:  # type: ignore[override]
         """One GN step on the batch ``(inputs, targets)``; returns the batch loss *before* the step.
+
+        ``inputs``: ``B × d`` (or images that flatten to ``d``); ``targets``: class indices (``B``) or rows
+        (``B × k``); the loss is a 0-dim tensor.
 
         If the step would make any parameter NaN or infinite, no parameter changes and
         :class:`~exactgn.NonFiniteError` is raised.
