@@ -534,8 +534,8 @@ def _add_bench(sub: Sub) -> None:
         help="time forward, Adam and the GN steps on one model (RevMLP, MLP or ResMLP)",
         description="Time, in one process, the median of repeated steps of: a forward pass, an Adam step "
         "(forward + backward + update), a GN step with the right inverse (RevMLP only) and a GN step with "
-        "the minimum-norm inverse (cross-entropy, identity Hessian, random data). Prints a table of medians and "
-        "ratios to the Adam step, with the counted FLOPs of each step.",
+        "the minimum-norm inverse (cross-entropy, identity Hessian, random data). Prints a table of medians "
+        "and ratios to the Adam step, with the counted FLOPs of each step.",
     )
     p.add_argument(
         "--model",
