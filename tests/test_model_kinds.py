@@ -266,3 +266,32 @@ def test_gauss_newton_on_a_resmlp_owns_only_its_trainable_parameters(rng):
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
     assert not torch.equal(model(x).detach(), before)
     assert sum(len(g["params"]) for g in opt.param_groups) == 4  # two blocks' out.weight and out.bias
+
+
+def test_report_labels_name_only_the_keys_a_model_kind_reads(tmp_path):
+    from pathlib import Path
+
+    from exactgn.lab.config import ignored_model_keys
+
+    def run(toml: str, name: str) -> rp.Run:
+        cfg = loads_config(toml, ["optim.name='adam'", "data.train_size=64"]).model_dump()
+        return rp.Run(Path(name), name, cfg, "", {}, [], None, None)
+
+    mlp, res, rev = run(MLP_TOML, "a"), run(RESMLP_TOML, "b"), run("", "c")
+    assert ignored_model_keys(rev.config) == {"model.widths", "model.activation", "model.init"}
+    assert ignored_model_keys(mlp.config) == {
+        "model.blocks",
+        "model.hidden",
+        "model.bottleneck",
+        "model.init_std",
+    }
+    assert "model.init_std" not in ignored_model_keys(
+        loads_config(MLP_TOML, ["model.init='std'"]).model_dump()
+    )
+    assert ignored_model_keys({"model": {"hidden": 8}}) == set()  # an old run's config: a RevMLP's keys
+    series = [s for p in rp.group_runs([mlp, res, rev]) for s in p.series]
+    labels = {s.runs[0].config["model"]["kind"]: s.label for s in series}
+    assert len(series) == 3 and "widths=(32, 16)" in labels["mlp"] and "hidden" not in labels["mlp"]
+    assert "kind=resmlp" in labels["resmlp"] and "hidden=16" in labels["resmlp"]
+    assert "kind=revmlp" in labels["revmlp"] and "hidden=1024" in labels["revmlp"]
+    assert not any(word in labels[k] for k in ("resmlp", "revmlp") for word in ("widths", "activation"))

@@ -34,6 +34,7 @@ __all__ = [
     "DataConfig",
     "ModelConfig",
     "MODEL_KINDS",
+    "ignored_model_keys",
     "GNConfig",
     "AdamConfig",
     "AdamWConfig",
@@ -146,6 +147,26 @@ class ModelConfig(Table):
         if self.init_from != self.init_from.strip():
             raise ValueError(f"model.init_from: the path has surrounding spaces: {self.init_from!r}")
         return self
+
+
+#: The ``[model]`` keys each kind reads; a resolved configuration lists the others too, at their defaults.
+_SHARED_MODEL_KEYS = ("kind", "bias", "dtype", "init_from")
+MODEL_KEYS_READ = {
+    "revmlp": (*_SHARED_MODEL_KEYS, "blocks", "hidden", "bottleneck", "init_std"),
+    "resmlp": (*_SHARED_MODEL_KEYS, "blocks", "hidden", "bottleneck", "init_std"),
+    "mlp": (*_SHARED_MODEL_KEYS, "widths", "activation", "init", "init_std"),
+}
+
+
+def ignored_model_keys(config: dict[str, Any]) -> set[str]:
+    """The dotted ``model.*`` keys of a configuration (nested dict) that its ``model.kind`` does not read
+    (e.g. ``model.widths`` of a RevMLP); labels and comparisons leave them out."""
+    model = config.get("model", {})
+    kind = model.get("kind", "revmlp")
+    read = set(MODEL_KEYS_READ.get(kind, model))
+    if kind == "mlp" and model.get("init", "fan_in") == "fan_in":
+        read.discard("init_std")
+    return {f"model.{key}" for key in model if key not in read}
 
 
 class GNConfig(Table):
