@@ -170,8 +170,26 @@ Grids: GN (J⁺) 0.3, 1.0, 3.0; Adam 1e-4, 3e-4, 1e-3; SGD 0.03, 0.1, 0.3.
 Regenerate with scripts/make_architecture_study.py (do not edit by hand).
 """,
 }
-#: Measured CPU time (1 thread) appended to each header; see the report of issue 11.
-TIMING = {name: "" for name in HEADERS}
+_MEASURED = """
+CPU time, 1 thread, measured on a shared 2-core machine under load (load average 4-5; idle cores are faster):
+one epoch of each contender's seed-42 run with diagnostics on (the lower of two passes), minutes per
+run (epochs × epoch + records × diagnostics record) J⁺ / Adam / SGD:
+  mini-batch (78 steps, ~25000 images evaluated per epoch): MLP 7.6 / 2.7 / 2.5, ResMLP 9.5 / 2.0 / 2.4,
+    RevMLP 7.3 / 2.3 / 2.3 (J⁺ epochs 29-37 s; Adam and SGD 8-12 s): 38.6 min per seed.
+  full-batch (1 step of 256 images per epoch): MLP 3.1 / 1.2 / 1.2, ResMLP 2.7 / 1.6 / 1.6,
+    RevMLP 2.9 / 1.8 / 1.7: 17.8 min per seed.
+"""
+#: Measured CPU time (1 thread) appended to each header.
+TIMING = {
+    "architecture-cpu": _MEASURED
+    + "54 runs: about 170 core-min (3 seeds × 56 min), ~1.5 h on 2 cores with two runs at a time.\n",
+    "architecture": "Not measured on a GPU. On a CPU (not its place) h = 8000 holds 7.8× the parameters of\n"
+    "architecture-cpu.toml's models; expect at least that factor over its ~170 core-min.\n",
+    "tuning-mb": _MEASURED
+    + "27 runs (no diagnostics, 2000 test images): about 100 core-min (3 rates × ~36 min).\n",
+    "tuning-fb": _MEASURED
+    + "27 runs (no diagnostics, 1000 test images): about 45 core-min (3 rates × ~16 min).\n",
+}
 
 
 def main() -> int:
