@@ -26,11 +26,12 @@ STUDIES = ROOT / "exactgn" / "lab" / "configs" / "studies"
 KINDS = ("mlp", "resmlp", "revmlp")
 OPTIMISERS = ("gn", "adam", "sgd")
 SEEDS = (42, 43, 44)
-#: Setting → (base setting folder, keys of the setting). Mini-batch twin: the first 10000 images, B = 128,
-#: 15 epochs; full-batch twin: the first 256 images, 100 steps. Validation images as the tuning studies.
+#: Setting → (base setting folder, "-cpu" added for the CPU twin, keys of the setting). Mini-batch twin: the
+#: first 10000 images, B = 128, 15 epochs; full-batch twin: the first 256 images, 100 steps. Validation
+#: images as the tuning studies.
 SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
     "mb": (
-        "mnist-minibatch-cpu",
+        "mnist-minibatch",
         {
             "data.train_size": 10000,
             "data.val_size": 5000,
@@ -42,7 +43,7 @@ SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
     "fb": (
-        "mnist-fullbatch-cpu",
+        "mnist-fullbatch",
         {
             "data.train_size": 256,
             "data.val_size": 1000,
@@ -87,6 +88,8 @@ def run_keys(setting: str, kind: str, opt: str, hidden: int, lr: float, seed: in
 
 
 def runs(settings: tuple[str, ...], hidden: int, tuning: bool) -> list[dict[str, Any]]:
+    """Every run; the CPU twins' configs at h = 1024, the reference configs (the twins' sources) otherwise."""
+    suffix = "-cpu" if hidden == 1024 else ""
     out = []
     for setting in settings:
         for kind in KINDS:
@@ -97,7 +100,7 @@ def runs(settings: tuple[str, ...], hidden: int, tuning: bool) -> list[dict[str,
                     out.append(
                         {
                             "name": f"{setting}-{kind}-{opt}-{tag}",
-                            "config": f"{SETTINGS[setting][0]}/{opt}",
+                            "config": f"{SETTINGS[setting][0]}{suffix}/{opt}",
                             "set": run_keys(setting, kind, opt, hidden, lr, seed),
                         }
                     )

@@ -19,7 +19,7 @@ from exactgn.cli import main as cli_main
 from exactgn.lab import diagnostics as dg
 from exactgn.lab import report as rp
 from exactgn.lab.checkpoint import load_init_weights, load_model, model_config, save_weights
-from exactgn.lab.config import ConfigError, dumps, loads_config
+from exactgn.lab.config import ConfigError, dumps, loads_config, with_overrides
 from exactgn.lab.evidence import contender
 from exactgn.lab.steppers import build_model
 from exactgn.lab.train import train
@@ -295,3 +295,14 @@ def test_report_labels_name_only_the_keys_a_model_kind_reads(tmp_path):
     assert "kind=resmlp" in labels["resmlp"] and "hidden=16" in labels["resmlp"]
     assert "kind=revmlp" in labels["revmlp"] and "hidden=1024" in labels["revmlp"]
     assert not any(word in labels[k] for k in ("resmlp", "revmlp") for word in ("widths", "activation"))
+
+
+def test_a_batch_too_large_for_an_exact_step_of_any_kind_is_refused_up_front():
+    from exactgn.lab.steppers import check_gn_batch
+
+    cfg = loads_config(MLP_TOML, ["model.widths=[2]"])
+    model = build_model(cfg, 20, 3)  # 51 trainable parameters
+    check_gn_batch(cfg, model, 17)  # 51 rows
+    with pytest.raises(ConfigError, match=r"optim\.gn: batches of 18 are too large.*54 rows.*only 51"):
+        check_gn_batch(cfg, model, 18)
+    check_gn_batch(with_overrides(cfg, {"optim.gn.least_squares": True}), model, 18)

@@ -17,7 +17,6 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InexactStepError, NonFiniteError
-from ..generic import _check_exactness as check_generic_exactness
 from ..gn import check_exactness
 from ..linalg import GramFallbackWarning
 from ..losses import as_target_rows, loss_value
@@ -216,6 +215,15 @@ def build_optimizer(cfg: RunConfig, model: RevMLP) -> torch.optim.Optimizer:
     return build_stepper(cfg, model).optimizer
 
 
+def _check_rows(batch: int, k: int, params: int) -> None:
+    """J⁺ of any model is exact only while J (``batch·k`` rows) can have full row rank."""
+    if batch * k > params:
+        raise InexactStepError(
+            f"J has batch·k = {batch * k} rows but the model only {params} trainable parameters, so it "
+            "cannot have full row rank."
+        )
+
+
 def check_gn_batch(cfg: RunConfig, model: RevMLP, batch: int) -> None:
     """Refuse up front, naming the config keys, a GN step that the engine would refuse at the first step
     (:func:`exactgn.gn.check_exactness`, reworded for a configuration)."""
@@ -226,9 +234,9 @@ def check_gn_batch(cfg: RunConfig, model: RevMLP, batch: int) -> None:
     try:
         if isinstance(model, RevMLP):
             check_exactness(model, batch, g.inverse, lenient)
-        else:
+        elif not lenient:
             params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            check_generic_exactness(batch, model.num_classes, params, lenient)
+            _check_rows(batch, model.num_classes, params)
     except InexactStepError as exc:
         fix = (
             "Set optim.gn.least_squares = true (least-squares step), turn on truncation (optim.gn.rtol/atol) "
