@@ -531,15 +531,29 @@ def _add_bench(sub: Sub) -> None:
 
     p = sub.add_parser(
         "bench",
-        help="time forward, Adam and both GN steps on one model",
+        help="time forward, Adam and the GN steps on one model (RevMLP, MLP or ResMLP)",
         description="Time, in one process, the median of repeated steps of: a forward pass, an Adam step "
-        "(forward + backward + update), a GN step with the right inverse and a GN step with the minimum-norm "
-        "inverse (cross-entropy, identity Hessian, random data). Prints a table of medians and ratios to the "
-        "Adam step, with the counted FLOPs of each step.",
+        "(forward + backward + update), a GN step with the right inverse (RevMLP only) and a GN step with "
+        "the minimum-norm inverse (cross-entropy, identity Hessian, random data). Prints a table of medians "
+        "and ratios to the Adam step, with the counted FLOPs of each step.",
+    )
+    p.add_argument(
+        "--model",
+        choices=("revmlp", "mlp", "resmlp"),
+        default="revmlp",
+        help="revmlp (default: both GN steps), mlp or resmlp (the minimum-norm GN step only)",
     )
     p.add_argument("--features", type=int, default=784, help="input size d (default 784)")
     p.add_argument(
         "--hidden", type=_hidden, default=1024, help="bottleneck width h, or 'none' (default 1024)"
+    )
+    p.add_argument(
+        "--widths",
+        type=int,
+        nargs="+",
+        default=None,
+        help="--model mlp: hidden widths (default: two layers matching the RevMLP of --hidden/--blocks "
+        "in parameter count)",
     )
     p.add_argument("--blocks", type=int, default=2, help="coupling blocks L (default 2)")
     p.add_argument("--batch", type=int, default=256, help="batch size B (default 256)")
@@ -583,7 +597,11 @@ def _run_bench(args: argparse.Namespace) -> int:
     for name in ("rtol", "atol"):
         if not getattr(args, name) >= 0:
             raise SystemExit(f"exactgn bench: --{name} must be a number >= 0 (0 = no truncation)")
+    if args.widths is not None and (args.model != "mlp" or min(args.widths) < 1):
+        raise SystemExit("exactgn bench: --widths is for --model mlp, each width at least 1")
     cfg = BenchConfig(
+        model=args.model,
+        widths=args.widths,
         features=args.features,
         hidden=args.hidden,
         blocks=args.blocks,

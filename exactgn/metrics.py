@@ -1,4 +1,8 @@
-"""Pure NTK, CKA and weight-space metrics of a :class:`~exactgn.RevMLP` (DESIGN §5): torch only.
+"""Pure NTK, CKA and weight-space metrics of a :class:`~exactgn.RevMLP`, :class:`~exactgn.models.MLP` or
+:class:`~exactgn.models.ResMLP` (DESIGN §5): torch only.
+
+A "block" is a RevMLP coupling block, a ResMLP residual block, or an MLP hidden layer (its output after the
+activation); weights are every trainable weight matrix (a RevMLP's half-layer weights ``W``).
 
 Kernel (NTK) on a fixed probe batch, computed exactly by :func:`exactgn.gn.ntk_gram`:
 
@@ -22,9 +26,10 @@ import re
 from typing import Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .model import RevMLP
+from .models import MLP, ResMLP
 
 __all__ = [
     "METRIC_DOC",
@@ -40,6 +45,8 @@ __all__ = [
     "weight_cosine",
     "weight_metrics",
     "half_layer_weights",
+    "trainable_weights",
+    "compare_weights",
     "as_float64",
 ]
 
@@ -55,14 +62,16 @@ METRIC_DOC: dict[str, str] = {
     "ntk_probe_cosine": "ESTIMATE (the reference's): cosine between Θ0·w and Θt·w for a fixed random w ~ "
     "N(0, I)",
     "cka/block{block}": "linear CKA (biased, centred HSIC) of block {block}'s output now vs. at "
-    "initialisation",
+    "initialisation (an MLP's block {block} is its hidden layer {block}, after the activation)",
     "cka_unbiased/block{block}": "the same with the unbiased (debiased HSIC) estimator",
     "cka_delta/block{block}": "linear CKA (biased) of what block {block} adds to the state (z_l − z_{l−1}) "
     "now vs. at "
-    "initialisation: the residual branch alone, without the identity skip that keeps block-output CKA near 1",
-    "weight_rel_change/{layer}": "‖W_t − W_0‖_F / ‖W_0‖_F of the half-layer's weight (bias excluded)",
-    "weight_cosine/{layer}": "⟨W_t, W_0⟩_F / (‖W_t‖‖W_0‖) of the half-layer's weight (bias excluded)",
-    "weight_rel_change/all": "the same relative change over all half-layer weights together",
+    "initialisation: the residual branch alone, without the identity skip that keeps block-output CKA near 1 "
+    "(RevMLP and ResMLP; an MLP's layers change width, so it has none)",
+    "weight_rel_change/{layer}": "‖W_t − W_0‖_F / ‖W_0‖_F of a trainable weight matrix (a RevMLP's "
+    "half-layer; bias excluded)",
+    "weight_cosine/{layer}": "⟨W_t, W_0⟩_F / (‖W_t‖‖W_0‖) of a trainable weight matrix (bias excluded)",
+    "weight_rel_change/all": "the same relative change over all trainable weight matrices together",
     "diagnostics_time_s": "wall time spent computing this record (seconds)",
 }
 
@@ -220,11 +229,19 @@ def linear_cka(x: Tensor, y: Tensor, *, unbiased: bool = False) -> float:
 
 
 @torch.no_grad()
-def block_outputs(model: RevMLP, x: Tensor) -> list[Tensor]:
-    """The state ``z_l = [a_l, b_l]`` (``B × d``) after each coupling block ``l = 0..L−1``, on inputs
-    ``x``."""
-    if not isinstance(model, RevMLP):
-        raise TypeError(f"block_outputs needs an exactgn.RevMLP, got {type(model).__name__}")
+def _hooked(model: nn.Module, x: Tensor, modules: list[nn.Module]) -> list[tuple[Tensor, Tensor]]:
+    """``(input, output)`` of every call of ``modules`` during ``model(x)``, in call order."""
+    seen: list[tuple[Tensor, Tensor]] = []
+    hooks = [m.register_forward_hook(lambda _m, a, o: seen.append((a[0], o))) for m in modules]
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _revmlp_outputs(model: RevMLP, x: Tensor) -> list[Tensor]:
     z = model.flatten_inputs(x)
     n = model.in_features // 2
     a, b = z[:, :n], z[:, n:]
@@ -235,20 +252,37 @@ def block_outputs(model: RevMLP, x: Tensor) -> list[Tensor]:
     return outs
 
 
-def block_increments(model: RevMLP, x: Tensor) -> list[Tensor]:
-    """What each coupling block adds to the state, ``z_l − z_{l−1}`` (``B × d``, ``z_{−1}`` = the input).
+def block_outputs(model: nn.Module, x: Tensor) -> list[Tensor]:
+    """Each block's output (``B × width``) on inputs ``x``: a RevMLP's state ``z_l = [a_l, b_l]`` after
+    coupling block ``l``, a ResMLP's state after residual block ``l``, an MLP's hidden layer ``l`` after the
+    activation."""
+    if isinstance(model, RevMLP):
+        return _revmlp_outputs(model, x)
+    if isinstance(model, MLP):  # model.act runs once per hidden layer
+        return [out for _, out in _hooked(model, x, [model.act])]
+    if isinstance(model, ResMLP):
+        return [out for _, out in _hooked(model, x, list(model.blocks))]
+    raise TypeError(f"block_outputs needs an exactgn RevMLP, MLP or ResMLP, got {type(model).__name__}")
 
-    The block outputs of a RevMLP carry the input through the identity skip, so their CKA against
-    initialisation stays near 1 whenever the residual branches are small; the increments show the branches
-    alone.
+
+def block_increments(model: nn.Module, x: Tensor) -> list[Tensor]:
+    """What each block adds to the state, ``z_l − z_{l−1}`` (``B × d``, ``z_{−1}`` = the input); a RevMLP or
+    ResMLP (an MLP's layers change width: it has no increments).
+
+    The block outputs carry the input through the identity skip, so their CKA against initialisation stays
+    near 1 whenever the residual branches are small; the increments show the branches alone.
     """
+    if isinstance(model, ResMLP):
+        return [out - inp for inp, out in _hooked(model, x, list(model.blocks))]
+    if not isinstance(model, RevMLP):
+        raise TypeError(f"block_increments needs an exactgn RevMLP or ResMLP, got {type(model).__name__}")
     z = model.flatten_inputs(x)
     outs = block_outputs(model, z)
     return [out - prev for prev, out in zip([z] + outs[:-1], outs)]
 
 
 def representation_cka(
-    model_a: RevMLP, model_b: RevMLP, inputs: Tensor, *, unbiased: bool = False
+    model_a: nn.Module, model_b: nn.Module, inputs: Tensor, *, unbiased: bool = False
 ) -> dict[str, float]:
     """Linear CKA of every block's output, ``model_a`` against ``model_b`` on the same ``inputs``.
 
@@ -301,18 +335,26 @@ def half_layer_weights(model: RevMLP | Mapping[str, Tensor]) -> dict[str, Tensor
     raise TypeError(f"expected a RevMLP or a state dict, got {type(model).__name__}")
 
 
-def weight_metrics(
-    model_t: RevMLP | Mapping[str, Tensor], model_0: RevMLP | Mapping[str, Tensor]
-) -> dict[str, float]:
-    """Per half-layer ``weight_rel_change/<name>`` and ``weight_cosine/<name>``, plus
-    ``weight_rel_change/all``.
+def trainable_weights(model: nn.Module) -> dict[str, Tensor]:
+    """Name → every trainable weight matrix: a RevMLP's half-layer weights (:func:`half_layer_weights`), or
+    any other model's trainable parameters of two or more dimensions (``"layers.0"`` for
+    ``layers.0.weight``)."""
+    if isinstance(model, RevMLP):
+        return half_layer_weights(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    return {
+        name.removesuffix(".weight"): p.detach()
+        for name, p in model.named_parameters()
+        if p.requires_grad and p.dim() >= 2
+    }
 
-    Weights ``W`` only; biases are excluded (they start at zero). Either argument may be a model or a state
-    dict.
-    """
-    now, init = half_layer_weights(model_t), half_layer_weights(model_0)
+
+def compare_weights(now: Mapping[str, Tensor], init: Mapping[str, Tensor]) -> dict[str, float]:
+    """``weight_rel_change/<name>``, ``weight_cosine/<name>`` and ``weight_rel_change/all`` between two dicts
+    of weights with the same names (e.g. :func:`trainable_weights` now and at initialisation)."""
     if now.keys() != init.keys():
-        raise ValueError(f"the two models have different half-layers: {sorted(now)} and {sorted(init)}")
+        raise ValueError(f"the two models have different weights: {sorted(now)} and {sorted(init)}")
     out: dict[str, float] = {}
     for name in now:
         out[f"weight_rel_change/{name}"] = weight_rel_change(now[name], init[name])
@@ -322,3 +364,19 @@ def weight_metrics(
     den = sum(float(as_float64(init[n]).square().sum()) for n in now)
     out["weight_rel_change/all"] = (math.nan if num == 0 else math.inf) if den == 0 else math.sqrt(num / den)
     return out
+
+
+def weight_metrics(
+    model_t: nn.Module | Mapping[str, Tensor], model_0: nn.Module | Mapping[str, Tensor]
+) -> dict[str, float]:
+    """Per weight matrix ``weight_rel_change/<name>`` and ``weight_cosine/<name>``, plus
+    ``weight_rel_change/all`` (:func:`compare_weights`).
+
+    Weights ``W`` only; biases are excluded (they start at zero). Either argument may be a model (every
+    trainable weight matrix, :func:`trainable_weights`) or a RevMLP's state dict (its half-layer weights).
+    """
+
+    def weights(m: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return trainable_weights(m) if isinstance(m, nn.Module) else half_layer_weights(m)
+
+    return compare_weights(weights(model_t), weights(model_0))

@@ -89,7 +89,8 @@ class GaussNewton(torch.optim.Optimizer):
             solve_dtype=solve_dtype,
         )
         _check_group(defaults)
-        super().__init__(model.parameters() if params is None else params, defaults)
+        default = [p for p in model.parameters() if p.requires_grad]  # frozen tensors (ResMLP) take no step
+        super().__init__(default if params is None else params, defaults)
         self.model = model
         self.last_result: GNResult | None = None
         owned = {id(p) for g in self.param_groups for p in g["params"]}

@@ -13,7 +13,8 @@ run without validation accuracy is an error (tune on a validation split: ``data.
 
 ``--template`` (a list-of-runs study file): a copy is written to ``--out`` in which every run's ``optim.lr``
 is the rate chosen for its contender; nothing else changes. A contender of the template that was not tuned is
-an error.
+an error. ``--only PREFIX`` fills only the runs whose name starts with PREFIX (a study of several settings,
+e.g. architecture-cpu.toml's ``mb-`` and ``fb-`` runs, tuned separately: run tune.py once per setting).
 """
 
 from __future__ import annotations
@@ -98,12 +99,16 @@ def table(entries: list[dict[str, Any]], chosen: dict[str, dict[str, Any]], crit
     return evidence.markdown(head, rows)
 
 
-def fill(template: Path, rates: dict[str, float], header: str) -> str:
-    """The template study file with every run's ``optim.lr`` replaced by its contender's rate."""
+def fill(template: Path, rates: dict[str, float], header: str, only: str = "") -> str:
+    """The template study file with the ``optim.lr`` of every run (whose name starts with ``only``) replaced
+    by its contender's rate."""
     spec = load_study(template)
     data = read_toml(template)
     missing = set()
-    for raw, run in zip(data["run"], spec.runs):
+    chosen = [(raw, run) for raw, run in zip(data["run"], spec.runs) if run.name.startswith(only)]
+    if not chosen:
+        raise TuneError(f"{template}: no run's name starts with {only!r} (--only)")
+    for raw, run in chosen:
         name = evidence.contender(to_dict(run_config(spec, run, check_only=True)))
         if name not in rates:
             missing.add(name)
@@ -114,7 +119,17 @@ def fill(template: Path, rates: dict[str, float], header: str) -> str:
             f"{template}: contender(s) {', '.join(sorted(missing))} were not tuned "
             f"(tuned: {', '.join(sorted(rates))})"
         )
-    return header + _study_toml(data)
+    return _keep_comments(template, header) + _study_toml(data)
+
+
+def _keep_comments(template: Path, header: str) -> str:
+    """``header``, then the template's own leading comment lines (a second fill keeps the first's header)."""
+    leading = []
+    for line in template.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        leading.append(line + "\n")
+    return header + "".join(leading)
 
 
 def _key(key: str) -> str:
@@ -150,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--template", type=Path, help="a study file whose runs get the chosen rates")
     parser.add_argument("--out", type=Path, help="where to write the filled template (needs --template)")
+    parser.add_argument(
+        "--only", metavar="PREFIX", default="", help="fill only the template's runs whose name starts so"
+    )
     args = parser.parse_args(argv)
     if (args.template is None) != (args.out is None):
         parser.error("--template and --out go together")
@@ -168,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"  {n}: lr {e['lr']:g} ({100 * e['score']:.2f}% on {e['run']})" for n, e in chosen.items()
             ]
             header = "".join(f"# {line}\n" for line in lines)
-            args.out.write_text(fill(args.template, rates, header), encoding="utf-8")
+            args.out.write_text(fill(args.template, rates, header, args.only), encoding="utf-8")
             print(f"wrote {args.out}")
     except TuneError as exc:
         print(f"tune: {exc}", file=sys.stderr)

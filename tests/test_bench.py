@@ -122,3 +122,45 @@ def test_bench_rejects_bad_sizes(capsys):
         == 2
     )
     assert "in_features must be even" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["mlp", "resmlp"])
+def test_bench_of_an_mlp_and_a_resmlp(tmp_path, capsys, kind):
+    out = tmp_path / "bench.json"
+    shape = ["--widths", "24", "16"] if kind == "mlp" else ["--hidden", "8", "--blocks", "2"]
+    args = ["bench", "--model", kind, "--features", "16", *shape, "--batch", "4", "--classes", "3"]
+    assert main([*args, "--repeats", "2", "--warmup", "1", "--device", "cpu", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert (
+        "gn_pinv_step" in table
+        and "gn_right_step" not in table
+        and {"mlp": "MLP d=16", "resmlp": "ResMLP d=16"}[kind] in table
+    )
+    res = json.loads(out.read_text())
+    assert res["model"] == kind and res["steps"] == ["forward", "adam_step", "gn_pinv_step"]
+    assert all(isinstance(res[f"{s}_s"], float) and res[f"{s}_s"] > 0 for s in res["steps"])
+    assert "gn_right_step_s" not in res
+    if kind == "mlp":
+        model = exactgn.models.MLP(16, 3, [24, 16])
+        assert res["sizes"] == dict(features=16, widths=[24, 16], batch=4, classes=3)
+    else:
+        model = exactgn.models.ResMLP(16, 3, 2, 8)
+        assert res["sizes"] == dict(features=16, hidden=8, blocks=2, batch=4, classes=3)
+    assert res["parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert res["flops"] == exactgn.gn_step_flops(model, torch.randn(4, 16))
+    assert res["ratios"]["adam_step"] == 1.0 and res["flop_ratios"]["gn_pinv_step"] > 1
+
+
+def test_bench_mlp_widths_default_to_the_revmlp_parameter_count():
+    from exactgn.lab.bench import BenchConfig
+
+    cfg = BenchConfig(model="mlp", features=40, hidden=12, blocks=3, classes=5)
+    rev = sum(p.numel() for p in exactgn.RevMLP(40, 5, 3, 12).parameters() if p.requires_grad)
+    (w, w2) = cfg.mlp_widths()
+
+    def count(width: int) -> int:
+        return sum(p.numel() for p in exactgn.models.MLP(40, 5, [width, width]).parameters())
+
+    assert w == w2 and abs(count(w) - rev) <= min(abs(count(w - 1) - rev), abs(count(w + 1) - rev))
+    with pytest.raises(SystemExit, match="--widths is for --model mlp"):
+        main(["bench", "--model", "resmlp", "--widths", "8"])

@@ -343,6 +343,8 @@ APPENDIX = (
 # Issue 9's evidence studies exist only CPU-sized: tuning on the CPU twins and its follow-ups (they load
 # below).
 CPU_ONLY = (
+    "tuning/architecture-minibatch-cpu",
+    "tuning/architecture-fullbatch-cpu",
     "tuning/minibatch-cpu",
     "tuning/fullbatch-cpu",
     "tuning/cifar10-fullbatch-cpu",

@@ -1,5 +1,10 @@
 """``exactgn bench``: time a forward pass, an Adam step and both GN steps on one model, in one process.
 
+``--model revmlp`` (default) times both GN steps of a RevMLP; ``--model mlp`` and ``--model resmlp`` time the
+minimum-norm step (:mod:`exactgn.generic`; no right inverse exists for them) and count FLOPs with
+:func:`exactgn.gn_step_flops`. An MLP's widths default to two hidden layers with as many parameters as the
+RevMLP of the same ``d``, ``h``, ``L`` (:func:`exactgn.models.mlp_width_for`).
+
 Speed is reported as ratios to the Adam step measured in the same run (machines are shared and noisy), with
 the floating-point work each step must do (:func:`step_flops`) so that a reader can see how close each step
 comes to its floor.
@@ -17,16 +22,20 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch import nn
 
 from ..core import GRAM_CHUNKS
+from ..generic import gn_step_flops
 from ..model import RevMLP, activation_rank_bound
+from ..models import MLP, ResMLP, mlp_width_for
 from ..optim import GaussNewton
 from ..precision import dtype_from_name, matmul_precision
 from .rundir import meta_value, provenance
 
-__all__ = ["BenchConfig", "run_bench", "step_flops", "format_table"]
+__all__ = ["BenchConfig", "MODELS", "run_bench", "step_flops", "format_table", "build_bench_model"]
 
 STEPS = ("forward", "adam_step", "gn_right_step", "gn_pinv_step")
+MODELS = ("revmlp", "mlp", "resmlp")
 
 
 @dataclass
@@ -47,6 +56,30 @@ class BenchConfig:
     rtol: float = 0.0  # truncation of both GN steps (0, 0: exact, Cholesky solves; > 0: eigendecompositions)
     atol: float = 0.0
     seed: int = 0
+    model: str = "revmlp"  # revmlp | mlp | resmlp
+    widths: list[int] | None = None  # mlp only; None = 2 layers matched to the RevMLP's parameter count
+
+    def mlp_widths(self) -> list[int]:
+        """The MLP's hidden widths: :attr:`widths`, or two layers as wide as match the RevMLP's count."""
+        if self.widths is not None:
+            return list(self.widths)
+        rev = RevMLP(self.features, self.classes, self.blocks, self.hidden, dtype=torch.float32)
+        count = sum(p.numel() for p in rev.parameters() if p.requires_grad)
+        return [mlp_width_for(count, self.features, self.classes, 2)] * 2
+
+
+def build_bench_model(cfg: BenchConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The model ``cfg.model`` names, seeded by ``cfg.seed``, on ``device``."""
+    if cfg.model not in MODELS:
+        raise ValueError(f"model must be one of {', '.join(MODELS)}; got {cfg.model!r}")
+    d, k, seed = cfg.features, cfg.classes, cfg.seed
+    if cfg.model == "mlp":
+        model: nn.Module = MLP(d, k, cfg.mlp_widths(), seed=seed, dtype=dtype)
+    elif cfg.model == "resmlp":
+        model = ResMLP(d, k, cfg.blocks, cfg.hidden, seed=seed, dtype=dtype)
+    else:
+        model = RevMLP(d, k, cfg.blocks, cfg.hidden, seed=seed, dtype=dtype)
+    return model.to(device)
 
 
 def step_flops(features: int, hidden: int | None, blocks: int, batch: int, classes: int) -> dict[str, float]:
@@ -181,9 +214,27 @@ def _environment(device: torch.device) -> dict[str, object]:
     return env
 
 
+def _gn_steps(cfg: BenchConfig) -> tuple[str, ...]:
+    return ("right", "pinv") if cfg.model == "revmlp" else ("pinv",)
+
+
+def _sizes(cfg: BenchConfig) -> dict[str, object]:
+    sizes: dict[str, object] = dict(features=cfg.features, hidden=cfg.hidden, blocks=cfg.blocks)
+    if cfg.model == "mlp":
+        sizes = dict(features=cfg.features, widths=cfg.mlp_widths())
+    return {**sizes, "batch": cfg.batch, "classes": cfg.classes}
+
+
+def _counted_flops(cfg: BenchConfig, model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    if cfg.model == "revmlp":
+        return step_flops(cfg.features, cfg.hidden, cfg.blocks, cfg.batch, cfg.classes)
+    return gn_step_flops(model, x)
+
+
 def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, object]:
-    """Run the benchmark; returns medians in seconds (``forward_s``, ``adam_step_s``, ``gn_right_step_s``,
-    ``gn_pinv_step_s``), every timing, ratios to the Adam step, counted FLOPs, sizes and the environment."""
+    """Run the benchmark; returns medians in seconds (``forward_s``, ``adam_step_s``, ``gn_pinv_step_s`` and,
+    for a RevMLP, ``gn_right_step_s``), every timing, ratios to the Adam step, counted FLOPs, sizes, the
+    parameter count and the environment. ``steps`` lists the steps timed."""
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
@@ -193,12 +244,14 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, object]:
     x = torch.randn(cfg.batch, cfg.features, generator=gen).to(device, dtype)
     y = torch.randint(0, cfg.classes, (cfg.batch,), generator=gen).to(device)
 
-    def build() -> RevMLP:
-        return RevMLP(cfg.features, cfg.classes, cfg.blocks, cfg.hidden, seed=cfg.seed, dtype=dtype).to(
-            device
-        )
+    def build() -> nn.Module:
+        return build_bench_model(cfg, dtype, device)
 
-    least_squares = cfg.batch > build().max_exact_batch
+    probe = build()
+    least_squares = cfg.model == "revmlp" and cfg.batch > probe.max_exact_batch
+    params = sum(p.numel() for p in probe.parameters() if p.requires_grad)
+    flops = _counted_flops(cfg, probe, x)
+    probe = None
     results: dict[str, object] = {}
     timings: dict[str, list[float]] = {}
     peaks: dict[str, int | None] = {}
@@ -214,7 +267,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, object]:
         model = None  # free it before the next build (closures below rebind it)
 
         model = build()
-        adam = torch.optim.Adam(model.parameters(), lr=1e-4)
+        adam = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         def adam_step() -> None:
             adam.zero_grad(set_to_none=True)
@@ -226,7 +279,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, object]:
         )
         model = adam = None
 
-        for inverse in ("right", "pinv"):
+        for inverse in _gn_steps(cfg):
             key = f"gn_{inverse}_step"
             model = build()
             opt = GaussNewton(
@@ -248,12 +301,13 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, object]:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    flops = step_flops(cfg.features, cfg.hidden, cfg.blocks, cfg.batch, cfg.classes)
+    steps = tuple(s for s in STEPS if s in timings)
     adam_s = results["adam_step_s"]
     results.update(
-        sizes=dict(
-            features=cfg.features, hidden=cfg.hidden, blocks=cfg.blocks, batch=cfg.batch, classes=cfg.classes
-        ),
+        model=cfg.model,
+        steps=list(steps),
+        parameters=params,
+        sizes=_sizes(cfg),
         settings=dict(
             dtype=cfg.dtype,
             solve_dtype=cfg.solve_dtype,
@@ -268,22 +322,29 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, object]:
         solve_methods=methods,
         device=str(device),
         environment=_environment(device),
-        ratios={s: results[f"{s}_s"] / adam_s for s in STEPS},
-        flops=flops,
-        flop_ratios={s: flops[s] / flops["adam_step"] for s in STEPS},
-        gflops_per_s={s: flops[s] / results[f"{s}_s"] / 1e9 for s in STEPS},
+        ratios={s: results[f"{s}_s"] / adam_s for s in steps},
+        flops={s: flops[s] for s in steps},
+        flop_ratios={s: flops[s] / flops["adam_step"] for s in steps},
+        gflops_per_s={s: flops[s] / results[f"{s}_s"] / 1e9 for s in steps},
         timings=timings,
         peak_memory_bytes=peaks,
     )
     return results
 
 
+def _describe_sizes(results: dict[str, object]) -> str:
+    sizes, model = results["sizes"], results.get("model", "revmlp")
+    shape = f"widths={sizes['widths']}" if model == "mlp" else f"h={sizes['hidden']} L={sizes['blocks']}"
+    name = {"revmlp": "RevMLP", "mlp": "MLP", "resmlp": "ResMLP"}[model]
+    count = f", {results['parameters']:,} parameters" if "parameters" in results else ""
+    return f"{name} d={sizes['features']} {shape} B={sizes['batch']} k={sizes['classes']}{count}"
+
+
 def format_table(results: dict[str, object]) -> str:
     """A Markdown table of medians, ratios to Adam, counted FLOP ratios, throughput and peak memory."""
-    sizes, env = results["sizes"], results["environment"]
+    env = results["environment"]
     head = (
-        f"d={sizes['features']} h={sizes['hidden']} L={sizes['blocks']} B={sizes['batch']} "
-        f"k={sizes['classes']} "
+        f"{_describe_sizes(results)} "
         f"on {env.get('device_name', env['device'])} ({results['device']}, "
         f"torch {meta_value(env, 'torch_version')}, {env['threads']} threads{_load(env)}, "
         f"{results['settings']['dtype']}"
@@ -297,7 +358,7 @@ def format_table(results: dict[str, object]) -> str:
         "| step | median (s) | × Adam step | counted FLOPs × Adam | GFLOP/s | peak memory |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for s in STEPS:
+    for s in results.get("steps", STEPS):
         peak = results["peak_memory_bytes"][s]
         lines.append(
             f"| {s} | {results[f'{s}_s']:.4g} | {results['ratios'][s]:.2f} | {results['flop_ratios'][s]:.2f} "

@@ -18,8 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..model import RevMLP
+from ..models import MLP, ResMLP
 from .config import ConfigError
 from .rundir import (
     atomic_write_bytes,
@@ -35,6 +37,8 @@ __all__ = [
     "restore_rng_states",
     "save_checkpoint",
     "save_weights",
+    "model_config",
+    "model_from_config",
     "read_payload",
     "load_checkpoint",
     "load_model",
@@ -46,13 +50,38 @@ CHECKPOINT_FORMAT = 1
 
 # Architecture keys of RevMLP.config() that must agree for weights to be loaded, and the config keys that set
 # them.
-_ARCH_KEYS = {
+_REVMLP_ARCH_KEYS = {
     "in_features": "the dataset (data.dataset: d = 784 for MNIST, 3072 for CIFAR-10)",
     "num_classes": "the dataset (data.dataset)",
     "num_blocks": "model.blocks",
     "hidden": "model.hidden / model.bottleneck",
     "bias": "model.bias",
 }
+
+
+#: ``model_config["kind"]`` → the class it rebuilds; a ``model_config`` without ``kind`` (every checkpoint
+#: written before MLP and ResMLP existed, and every RevMLP's) is a RevMLP.
+MODEL_CLASSES: dict[str, type[nn.Module]] = {"revmlp": RevMLP, "mlp": MLP, "resmlp": ResMLP}
+_SEED_KEYS = ("init_std", "seed")  # constructor arguments that do not change the architecture
+
+
+def model_config(model: nn.Module) -> dict[str, Any]:
+    """What a checkpoint stores as ``model_config``: the constructor arguments, plus ``kind`` for anything but
+    a RevMLP (whose checkpoints keep their old form)."""
+    kinds = [kind for kind, cls in MODEL_CLASSES.items() if type(model) is cls]
+    if not kinds:
+        raise TypeError(f"cannot checkpoint a {type(model).__name__}: exactgn saves RevMLP, MLP and ResMLP")
+    config = model.config()
+    return config if kinds[0] == "revmlp" else {"kind": kinds[0], **config}
+
+
+def model_from_config(config: dict[str, Any], dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model a checkpoint's ``model_config`` describes (without ``kind``: a RevMLP), in ``dtype``."""
+    args = dict(config)
+    kind = args.pop("kind", "revmlp")
+    if kind not in MODEL_CLASSES:
+        raise ValueError(f"model_config has kind {kind!r}; known kinds: {', '.join(MODEL_CLASSES)}")
+    return MODEL_CLASSES[kind](**args, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------- RNG
@@ -113,7 +142,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
 def save_weights(path: str | os.PathLike, model: torch.nn.Module, epoch: int) -> None:
     """``checkpoints/epoch_NNNN.pt``: ``{"model", "model_config", "epoch"}``."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _save(path, {"model": state, "model_config": model.config(), "epoch": epoch})
+    _save(path, {"model": state, "model_config": model_config(model), "epoch": epoch})
 
 
 # ---------------------------------------------------------------------------- reading
@@ -170,7 +199,7 @@ def _checkpoint_file(source: str | os.PathLike, epoch: int | None) -> Path:
     return path
 
 
-def load_model(source: str | os.PathLike, epoch: int | None = None) -> tuple[RevMLP, int]:
+def load_model(source: str | os.PathLike, epoch: int | None = None) -> tuple[nn.Module, int]:
     """``(model, epoch)`` from a checkpoint file, or from a run folder: its final model (``last.pt``) or, for
     ``epoch``, ``checkpoints/epoch_NNNN.pt``. The model has the checkpoint's dtype and is on the CPU."""
     path = _checkpoint_file(source, epoch)
@@ -178,8 +207,8 @@ def load_model(source: str | os.PathLike, epoch: int | None = None) -> tuple[Rev
     state, config = _model_parts(payload, path)
     if not isinstance(payload.get("epoch"), int):
         raise ValueError(f"{path} lacks its 'epoch'; checkpoints hold 'model', 'model_config' and 'epoch'")
-    dtype = state["readout"].dtype if "readout" in state else torch.float32
-    model = RevMLP(**config, dtype=dtype)
+    dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+    model = model_from_config(config, dtype)
     model.load_state_dict(state)
     return model, int(payload["epoch"])
 
@@ -206,12 +235,22 @@ def resolve_init_from(path: str | os.PathLike) -> Path:
     return resolved
 
 
-def _check_architecture(file: Path, theirs: dict[str, Any], model: RevMLP) -> None:
-    ours = model.config()
-    differ = [(key, theirs.get(key), ours[key]) for key in _ARCH_KEYS if theirs.get(key) != ours[key]]
+def _arch_keys(config: dict[str, Any]) -> dict[str, str]:
+    """The keys of a ``model_config`` that must agree for weights to load, and the config keys setting
+    them."""
+    if config.get("kind", "revmlp") == "revmlp":
+        return _REVMLP_ARCH_KEYS
+    keys = {k: _REVMLP_ARCH_KEYS.get(k, f"model.{k}") for k in config if k not in _SEED_KEYS}
+    return {**keys, "kind": "model.kind"}
+
+
+def _check_architecture(file: Path, theirs: dict[str, Any], model: nn.Module) -> None:
+    ours = model_config(model)
+    keys = {**_arch_keys(theirs), **_arch_keys(ours)}
+    differ = [(key, theirs.get(key), ours.get(key)) for key in keys if theirs.get(key) != ours.get(key)]
     if differ:
         detail = "; ".join(
-            f"{key}: checkpoint {a!r}, this config {b!r} (set by {_ARCH_KEYS[key]})" for key, a, b in differ
+            f"{key}: checkpoint {a!r}, this config {b!r} (set by {keys[key]})" for key, a, b in differ
         )
         raise ConfigError(
             f"model.init_from: the architecture of {file} does not match this run's model: "
@@ -220,7 +259,7 @@ def _check_architecture(file: Path, theirs: dict[str, Any], model: RevMLP) -> No
         )
 
 
-def load_init_weights(model: RevMLP, path: str | os.PathLike) -> dict[str, Any]:
+def load_init_weights(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
     """Load the weights (and the fixed bottlenecks and readout) of an earlier run's checkpoint into ``model``.
 
     ``path``: a checkpoint (``last.pt`` or ``epoch_NNNN.pt``) or a run folder. The checkpoint's architecture

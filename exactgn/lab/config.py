@@ -23,6 +23,7 @@ from pydantic import Field, model_validator
 
 from ..gn import INVERSES
 from ..losses import HESSIANS, LOSSES
+from ..models import ACTIVATIONS as MODEL_ACTIVATIONS
 from ..precision import DTYPES
 from .data import DATASETS, SUBSETS
 from .rundir import config_path
@@ -32,6 +33,8 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "ModelConfig",
+    "MODEL_KINDS",
+    "ignored_model_keys",
     "GNConfig",
     "AdamConfig",
     "AdamWConfig",
@@ -106,14 +109,30 @@ class DataConfig(Table):
         return self
 
 
-class ModelConfig(Table):
-    """``[model]``: the RevMLP (``d`` and ``k`` come from the dataset)."""
+#: ``model.kind`` → what it builds: the RevMLP, and the two models of :mod:`exactgn.models`.
+MODEL_KINDS = ("revmlp", "mlp", "resmlp")
+ACTIVATIONS = tuple(MODEL_ACTIVATIONS)  # MLP only
+MLP_INITS = ("fan_in", "std")
 
-    blocks: int = Field(2, ge=1)  # L coupling blocks
+
+class ModelConfig(Table):
+    """``[model]``: which network (``d`` and ``k`` come from the dataset).
+
+    ``kind = "revmlp"`` (default) and ``"resmlp"`` read ``blocks``, ``hidden``, ``bottleneck``, ``bias`` and
+    ``init_std``; ``kind = "mlp"`` reads ``widths``, ``activation``, ``bias``, ``init`` and (with ``init =
+    "std"``) ``init_std``. Keys a kind does not read are ignored (a resolved config lists them all).
+    """
+
+    # type: ignore[valid-type]  # revmlp | mlp (exactgn.models.MLP) | resmlp (exactgn.models.ResMLP)
+    kind: Literal[MODEL_KINDS] = "revmlp"
+    blocks: int = Field(2, ge=1)  # L coupling blocks (revmlp) or residual blocks (resmlp)
     hidden: int = Field(1024, ge=1)  # bottleneck width h
     bottleneck: bool = True  # false: the variant without bottleneck (W is d/2 × d/2)
     bias: bool = True
     init_std: float = Field(1e-3, ge=0, allow_inf_nan=False)
+    widths: list[int] = [1024, 1024]  # mlp: hidden widths w_1 … w_m ([] = a linear model)
+    activation: Literal[ACTIVATIONS] = "relu"  # type: ignore[valid-type]  # mlp: between the layers
+    init: Literal[MLP_INITS] = "fan_in"  # type: ignore[valid-type]  # mlp: gain/√fan_in, or N(0, init_std²)
     dtype: Literal[tuple(DTYPES)] = "float32"  # type: ignore[valid-type]
     # Start from the weights of an earlier run instead of a fresh draw: a checkpoint file
     # (RUN/checkpoints/last.pt or epoch_NNNN.pt) or a run folder (its checkpoints/last.pt); "" = fresh init.
@@ -122,9 +141,32 @@ class ModelConfig(Table):
 
     @model_validator(mode="after")
     def _path(self) -> ModelConfig:
+        bad = [w for w in self.widths if w < 1]
+        if bad:
+            raise ValueError(f"model.widths: every width must be an integer >= 1, got {self.widths!r}")
         if self.init_from != self.init_from.strip():
             raise ValueError(f"model.init_from: the path has surrounding spaces: {self.init_from!r}")
         return self
+
+
+#: The ``[model]`` keys each kind reads; a resolved configuration lists the others too, at their defaults.
+_SHARED_MODEL_KEYS = ("kind", "bias", "dtype", "init_from")
+MODEL_KEYS_READ = {
+    "revmlp": (*_SHARED_MODEL_KEYS, "blocks", "hidden", "bottleneck", "init_std"),
+    "resmlp": (*_SHARED_MODEL_KEYS, "blocks", "hidden", "bottleneck", "init_std"),
+    "mlp": (*_SHARED_MODEL_KEYS, "widths", "activation", "init", "init_std"),
+}
+
+
+def ignored_model_keys(config: dict[str, Any]) -> set[str]:
+    """The dotted ``model.*`` keys of a configuration (nested dict) that its ``model.kind`` does not read
+    (e.g. ``model.widths`` of a RevMLP); labels and comparisons leave them out."""
+    model = config.get("model", {})
+    kind = model.get("kind", "revmlp")
+    read = set(MODEL_KEYS_READ.get(kind, model))
+    if kind == "mlp" and model.get("init", "fan_in") == "fan_in":
+        read.discard("init_std")
+    return {f"model.{key}" for key in model if key not in read}
 
 
 class GNConfig(Table):
@@ -250,6 +292,12 @@ class RunConfig(Table):
         if not self.name or any(c in self.name for c in "/\\") or self.name.strip() != self.name:
             raise ValueError(
                 f"name: must be a non-empty name without slashes or surrounding spaces, got {self.name!r}"
+            )
+        if self.optim.name == "gn" and self.optim.gn.inverse == "right" and self.model.kind != "revmlp":
+            raise ValueError(
+                f"optim.gn.inverse: 'right' (the right inverse J♭) exists only for model.kind = 'revmlp', "
+                f"whose blocks can be inverted; model.kind = {self.model.kind!r} needs optim.gn.inverse = "
+                '"pinv" (the exact minimum-norm step J⁺v)'
             )
         if self.optim.gn.hessian == "exact" and self.train.loss == "mse":
             raise ValueError(

@@ -35,6 +35,7 @@ Everything is computed in float64 by default (a float64 copy of a float32 model)
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -52,18 +53,20 @@ from ..metrics import (
     as_float64,
     block_increments,
     block_outputs,
-    half_layer_weights,
+    compare_weights,
     kernel_alignment,
     linear_cka,
     ntk_probe_cosine,
     ntk_rate,
     probe_vector,
     representation_cka,
+    trainable_weights,
     weight_cosine,
     weight_metrics,
     weight_rel_change,
 )
 from ..model import RevMLP
+from ..models import MLP, ResMLP
 from ..precision import dtype_from_name
 from . import data as datamod
 from . import rundir
@@ -162,11 +165,33 @@ def loss_change_summary(steps: str | os.PathLike | Iterable[Mapping[str, Any]]) 
 
 
 # ---------------------------------------------------------------------------- recorder
+#: The models the recorder reads (blocks: :func:`exactgn.metrics.block_outputs`).
+MODELS = (RevMLP, MLP, ResMLP)
+
+
+def _check_model(model: object, who: str) -> None:
+    if not isinstance(model, MODELS):
+        raise TypeError(f"{who} needs an exactgn RevMLP, MLP or ResMLP, got {type(model).__name__}")
+
+
+def _first_tensor(model: torch.nn.Module) -> Tensor:
+    """A floating tensor of ``model``: its dtype and device are the model's."""
+    return next(t for t in model.state_dict().values() if t.is_floating_point())
+
+
+def _flat(model: torch.nn.Module, x: Tensor) -> Tensor:
+    """Inputs ``B × …`` as ``B × d`` in the model's dtype (a RevMLP's own checks included)."""
+    if isinstance(model, RevMLP):
+        return model.flatten_inputs(x)
+    return x.reshape(x.shape[0], -1).to(_first_tensor(model))
+
+
 class DiagnosticsRecorder:
     """Records NTK, CKA and weight diagnostics against the initial model on a fixed probe batch.
 
     Args:
-        model_at_init: the :class:`RevMLP` at initialisation (only read, never kept; a snapshot is taken).
+        model_at_init: the :class:`RevMLP`, :class:`~exactgn.models.MLP` or :class:`~exactgn.models.ResMLP` at
+            initialisation (only read, never kept; a snapshot is taken).
         probe_inputs: the fixed probe batch (``B × d`` or images); the NTK is ``Bk × Bk``, so keep ``B``
         modest
             (memory ``8(Bk)²`` bytes in float64: 128 samples and 10 classes take 13 MB).
@@ -184,7 +209,7 @@ class DiagnosticsRecorder:
 
     def __init__(
         self,
-        model_at_init: RevMLP,
+        model_at_init: torch.nn.Module,
         probe_inputs: Tensor,
         *,
         ntk: bool = True,
@@ -195,28 +220,24 @@ class DiagnosticsRecorder:
         init_epoch: int = 0,
         dtype: torch.dtype | None = torch.float64,
     ) -> None:
-        if not isinstance(model_at_init, RevMLP):
-            raise TypeError(
-                f"DiagnosticsRecorder needs an exactgn.RevMLP, got {type(model_at_init).__name__}"
-            )
+        _check_model(model_at_init, "DiagnosticsRecorder")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an integer >= 1, got {every!r}")
         self.ntk, self.cka, self.weights = ntk, cka, weights
         self.every, self.probe_seed, self.dtype = every, probe_seed, dtype
-        self._scratch: RevMLP | None = None
+        self._scratch: torch.nn.Module | None = None
         start = time.perf_counter()
         init = self._working_model(model_at_init)
-        self.probe_inputs = init.flatten_inputs(probe_inputs).detach().clone()
+        self.probe_inputs = _flat(init, probe_inputs).detach().clone()
         self.probe_size = self.probe_inputs.shape[0]
         if cka and self.probe_size < 4:
             raise ValueError(f"CKA needs a probe batch of at least 4 samples, got {self.probe_size}")
         self._k0 = ntk_gram(init, self.probe_inputs) if ntk else None
         self._w = probe_vector(self._k0.shape[0], probe_seed).to(self._k0.device) if ntk else None
         self._outs0 = block_outputs(init, self.probe_inputs) if cka else None
-        self._deltas0 = block_increments(init, self.probe_inputs) if cka else None
-        self._weights0 = (
-            {f"{k}.weight": v.clone() for k, v in half_layer_weights(init).items()} if weights else None
-        )
+        self._increments = not isinstance(init, MLP)  # an MLP's layers change width
+        self._deltas0 = block_increments(init, self.probe_inputs) if cka and self._increments else None
+        self._weights0 = {k: v.clone() for k, v in trainable_weights(init).items()} if weights else None
         self._prev: tuple[int, Tensor] | None = (init_epoch, self._k0) if ntk else None
         self.init_epoch = init_epoch
         self.setup_time_s = time.perf_counter() - start
@@ -230,17 +251,18 @@ class DiagnosticsRecorder:
         kwargs.setdefault("init_epoch", epoch)
         return cls(model, probe_inputs, **kwargs)
 
-    def _working_model(self, model: RevMLP) -> RevMLP:
+    def _working_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` itself, or a copy in :attr:`dtype` (one scratch model reused across calls)."""
-        if self.dtype is None or model.readout.dtype == self.dtype:
+        first = _first_tensor(model)
+        if self.dtype is None or first.dtype == self.dtype:
             return model
-        device = model.readout.device
         if (
             self._scratch is None
+            or type(self._scratch) is not type(model)
             or self._scratch.config() != model.config()
-            or self._scratch.readout.device != device
+            or _first_tensor(self._scratch).device != first.device
         ):
-            self._scratch = RevMLP(**model.config(), dtype=self.dtype).to(device)
+            self._scratch = copy.deepcopy(model).to(self.dtype)
         self._scratch.load_state_dict(model.state_dict())
         return self._scratch
 
@@ -254,27 +276,26 @@ class DiagnosticsRecorder:
         return epoch % self.every == 0
 
     @torch.no_grad()
-    def compute(self, model: RevMLP, epoch: int | None = None) -> dict[str, float]:
+    def compute(self, model: torch.nn.Module, epoch: int | None = None) -> dict[str, float]:
         """All enabled metrics of ``model`` against the initial model (no ``every`` check, no rate update)."""
         return self._record(model, epoch, update=False)
 
     @torch.no_grad()
-    def on_epoch_end(self, epoch: int, model: RevMLP, optimizer: object = None) -> dict[str, float]:
+    def on_epoch_end(self, epoch: int, model: torch.nn.Module, optimizer: object = None) -> dict[str, float]:
         """Metrics at the end of ``epoch`` (``{}`` unless ``epoch`` is a multiple of ``every``)."""
         if not self.should_record(epoch):
             return {}
         return self._record(model, epoch, update=True)
 
-    def _record(self, model: RevMLP, epoch: int | None, update: bool) -> dict[str, float]:
-        if not isinstance(model, RevMLP):
-            raise TypeError(f"diagnostics need an exactgn.RevMLP, got {type(model).__name__}")
+    def _record(self, model: torch.nn.Module, epoch: int | None, update: bool) -> dict[str, float]:
+        _check_model(model, "diagnostics")
         start = time.perf_counter()
         work = self._working_model(model)
         out: dict[str, float] = {}
         if epoch is not None:
             out["epoch"] = epoch
         out["probe_size"] = self.probe_size
-        probe = self.probe_inputs.to(work.readout.device)
+        probe = self.probe_inputs.to(_first_tensor(work).device)
         if self.ntk:
             kt = ntk_gram(work, probe)
             k0 = self._k0.to(kt.device)
@@ -292,11 +313,11 @@ class DiagnosticsRecorder:
                 out[f"cka/block{l}"] = linear_cka(x0.to(xt.device), xt)
             for l, (x0, xt) in enumerate(zip(self._outs0, outs)):
                 out[f"cka_unbiased/block{l}"] = linear_cka(x0.to(xt.device), xt, unbiased=True)
-            deltas = [o - p for p, o in zip([probe.to(outs[0].dtype)] + outs[:-1], outs)]
-            for l, (x0, xt) in enumerate(zip(self._deltas0, deltas)):
+            deltas = block_increments(work, probe) if self._increments else []
+            for l, (x0, xt) in enumerate(zip(self._deltas0 or [], deltas)):
                 out[f"cka_delta/block{l}"] = linear_cka(x0.to(xt.device), xt)
         if self.weights:
-            out.update(weight_metrics(work, self._weights0))
+            out.update(compare_weights(trainable_weights(work), self._weights0))
         out["diagnostics_time_s"] = time.perf_counter() - start
         return out
 
@@ -315,7 +336,7 @@ class TrainingDiagnostics:
         probe_inputs: Tensor,
         *,
         every: int = 1,
-        init_model: Callable[[], RevMLP] | None = None,
+        init_model: Callable[[], torch.nn.Module] | None = None,
         **recorder_kwargs: Any,
     ) -> None:
         self.probe_inputs = probe_inputs
@@ -324,7 +345,7 @@ class TrainingDiagnostics:
         self.recorder_kwargs = recorder_kwargs
         self.recorder: DiagnosticsRecorder | None = None
 
-    def on_epoch_end(self, epoch: int, model: RevMLP, optimizer: object = None) -> dict[str, float]:
+    def on_epoch_end(self, epoch: int, model: torch.nn.Module, optimizer: object = None) -> dict[str, float]:
         if epoch % self.every != 0:
             return {}
         start = time.perf_counter()
@@ -336,7 +357,7 @@ class TrainingDiagnostics:
                     )
                 init = model
             else:
-                init = self.init_model().to(model.readout.device)
+                init = self.init_model().to(_first_tensor(model).device)
             self.recorder = DiagnosticsRecorder(
                 init, self.probe_inputs, every=self.every, **self.recorder_kwargs
             )
@@ -358,14 +379,14 @@ def make_callback(cfg: Any, data: Any) -> TrainingDiagnostics:
     size = min(int(cfg.diagnostics.probe_size), len(data.train))
     probe = data.train.images[:size].reshape(size, -1)
 
-    def init_model() -> RevMLP:
+    def init_model() -> torch.nn.Module:
         return build_model(cfg, data.features, data.num_classes)
 
     return TrainingDiagnostics(probe, every=int(cfg.diagnostics.every), init_model=init_model)
 
 
 # ---------------------------------------------------------------------------- checkpoints and runs
-def load_checkpoint_model(path: str | os.PathLike) -> tuple[RevMLP, int]:
+def load_checkpoint_model(path: str | os.PathLike) -> tuple[torch.nn.Module, int]:
     """``(model, epoch)`` from a checkpoint file (:func:`exactgn.lab.checkpoint.load_model`)."""
     return load_model(path)
 
@@ -429,7 +450,7 @@ def probe_inputs(config: Any, size: int, *, root: str | os.PathLike | None = Non
 _probe_inputs = probe_inputs  # diagnose_run's argument of the same name shadows it
 
 
-def load_run_model(run_dir: str | os.PathLike, epoch: int | None = None) -> tuple[RevMLP, int]:
+def load_run_model(run_dir: str | os.PathLike, epoch: int | None = None) -> tuple[torch.nn.Module, int]:
     """``(model, epoch)`` of a run: ``checkpoints/epoch_NNNN.pt`` for ``epoch``, or the final model
     (``checkpoints/last.pt``) when ``epoch`` is ``None``."""
     return load_model(Path(run_dir), epoch)

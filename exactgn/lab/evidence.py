@@ -62,14 +62,18 @@ DIAGNOSTIC_KEYS = ("ntk_alignment", "weight_rel_change/all", "cka/block{b}", "ck
 
 
 def contender(config: Mapping[str, Any]) -> str:
-    """The contender label of a run configuration (nested dict, e.g. a run's ``config.toml``)."""
+    """The contender label of a run configuration (nested dict, e.g. a run's ``config.toml``): the
+    optimiser (``jflat``, ``jflat-trunc``, ``jplus``, ``adam``, …), with ``-mlp`` or ``-resmlp`` for those
+    model kinds."""
+    kind = config.get("model", {}).get("kind", "revmlp")
+    suffix = "" if kind == "revmlp" else f"-{kind}"
     optim = config.get("optim", {})
     name = optim.get("name", "gn")
     if name != "gn":
-        return str(name)
+        return str(name) + suffix
     gn = optim.get("gn", {})
     base = "jflat" if gn.get("inverse", "right") == "right" else "jplus"
-    return base + ("-trunc" if gn.get("rtol", 0.0) or gn.get("atol", 0.0) else "")
+    return base + ("-trunc" if gn.get("rtol", 0.0) or gn.get("atol", 0.0) else "") + suffix
 
 
 @dataclass

@@ -14,16 +14,17 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import InexactStepError, NonFiniteError
 from ..gn import check_exactness
 from ..linalg import GramFallbackWarning
 from ..losses import as_target_rows, loss_value
 from ..model import RevMLP
+from ..models import MLP, ResMLP
 from ..optim import GaussNewton
 from ..precision import dtype_from_name
-from .config import ConfigError, RunConfig
+from .config import ConfigError, ModelConfig, RunConfig
 
 __all__ = [
     "Diverged",
@@ -32,6 +33,7 @@ __all__ = [
     "GNStepper",
     "GradientStepper",
     "STEPPERS",
+    "MODEL_BUILDERS",
     "build_model",
     "build_stepper",
     "build_optimizer",
@@ -161,19 +163,46 @@ STEPPERS: dict[str, Callable[[RunConfig, RevMLP], Stepper]] = {
 }
 
 
-def build_model(cfg: RunConfig, features: int, num_classes: int) -> RevMLP:
-    """The RevMLP of ``cfg.model`` for inputs of ``features`` and ``num_classes`` outputs, on the CPU."""
-    m = cfg.model
+def _revmlp(m: ModelConfig, features: int, num_classes: int, seed: int) -> nn.Module:
+    hidden = m.hidden if m.bottleneck else None
     return RevMLP(
-        features,
-        num_classes,
-        m.blocks,
-        m.hidden if m.bottleneck else None,
-        bias=m.bias,
-        init_std=m.init_std,
-        seed=cfg.seed,
+        features, num_classes, m.blocks, hidden, bias=m.bias, init_std=m.init_std, seed=seed,
         dtype=dtype_from_name(m.dtype),
-    )
+    )  # fmt: skip
+
+
+def _mlp(m: ModelConfig, features: int, num_classes: int, seed: int) -> nn.Module:
+    init_std = m.init_std if m.init == "std" else None
+    return MLP(
+        features, num_classes, m.widths, activation=m.activation, bias=m.bias, init_std=init_std, seed=seed,
+        dtype=dtype_from_name(m.dtype),
+    )  # fmt: skip
+
+
+def _resmlp(m: ModelConfig, features: int, num_classes: int, seed: int) -> nn.Module:
+    hidden = m.hidden if m.bottleneck else None
+    return ResMLP(
+        features, num_classes, m.blocks, hidden, bias=m.bias, init_std=m.init_std, seed=seed,
+        dtype=dtype_from_name(m.dtype),
+    )  # fmt: skip
+
+
+#: ``model.kind`` → the function building that model from ``[model]``; one entry per kind of
+#: :data:`exactgn.lab.config.MODEL_KINDS`.
+MODEL_BUILDERS: dict[str, Callable[[ModelConfig, int, int, int], nn.Module]] = {
+    "revmlp": _revmlp,
+    "mlp": _mlp,
+    "resmlp": _resmlp,
+}
+
+
+def build_model(cfg: RunConfig, features: int, num_classes: int) -> nn.Module:
+    """The model of ``cfg.model`` (``model.kind``: RevMLP, MLP or ResMLP) for inputs of ``features`` and
+    ``num_classes`` outputs, on the CPU."""
+    try:
+        return MODEL_BUILDERS[cfg.model.kind](cfg.model, features, num_classes, cfg.seed)
+    except ValueError as exc:  # e.g. a ResMLP with more classes than features
+        raise ConfigError(f"model: cannot build a {cfg.model.kind} for this dataset: {exc}") from None
 
 
 def build_stepper(cfg: RunConfig, model: RevMLP) -> Stepper:
@@ -186,14 +215,28 @@ def build_optimizer(cfg: RunConfig, model: RevMLP) -> torch.optim.Optimizer:
     return build_stepper(cfg, model).optimizer
 
 
+def _check_rows(batch: int, k: int, params: int) -> None:
+    """J⁺ of any model is exact only while J (``batch·k`` rows) can have full row rank."""
+    if batch * k > params:
+        raise InexactStepError(
+            f"J has batch·k = {batch * k} rows but the model only {params} trainable parameters, so it "
+            "cannot have full row rank."
+        )
+
+
 def check_gn_batch(cfg: RunConfig, model: RevMLP, batch: int) -> None:
     """Refuse up front, naming the config keys, a GN step that the engine would refuse at the first step
     (:func:`exactgn.gn.check_exactness`, reworded for a configuration)."""
     g = cfg.optim.gn
     if cfg.optim.name != "gn":
         return
+    lenient = g.least_squares or bool(g.rtol or g.atol or g.damping)
     try:
-        check_exactness(model, batch, g.inverse, g.least_squares or bool(g.rtol or g.atol or g.damping))
+        if isinstance(model, RevMLP):
+            check_exactness(model, batch, g.inverse, lenient)
+        elif not lenient:
+            params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            _check_rows(batch, model.num_classes, params)
     except InexactStepError as exc:
         fix = (
             "Set optim.gn.least_squares = true (least-squares step), turn on truncation (optim.gn.rtol/atol) "

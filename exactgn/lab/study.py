@@ -238,7 +238,11 @@ def _check_dependency(path: Path, where: str, run: StudyRun, cfg: RunConfig, sou
             f"{source.data.dataset!r}; weights carry over only between runs of the same input size",
         )
     a, b = cfg.model, source.model
-    for key in ("blocks", "bottleneck", "bias") + (("hidden",) if a.bottleneck else ()):
+    if a.kind == "mlp" or b.kind == "mlp":
+        keys: tuple[str, ...] = ("kind", "widths", "activation", "bias")
+    else:
+        keys = ("kind", "blocks", "bottleneck", "bias") + (("hidden",) if a.bottleneck else ())
+    for key in keys:
         if getattr(a, key) != getattr(b, key):
             raise _fail(
                 path,

@@ -43,6 +43,7 @@ from .checkpoint import (
     load_checkpoint,
     load_init_weights,
     load_model,
+    model_config,
     resolve_init_from,
     restore_rng_states,
     rng_states,
@@ -292,7 +293,7 @@ class _Run:
     def checkpoint(self, *, weights_epoch: int | None = None) -> None:
         payload = {
             "model": self.model.state_dict(),
-            "model_config": self.model.config(),
+            "model_config": model_config(self.model),
             "optimizer": self.optimizer.state_dict(),
             "optimizer_name": self.cfg.optim.name,
             "rng": rng_states(self.data_gen),

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ..config import BOOKKEEPING_KEYS, flatten
+from ..config import BOOKKEEPING_KEYS, flatten, ignored_model_keys
 from ..diagnostics import loss_change_summary, read_diagnostics
 from ..rundir import (
     CONFIG_FILE,
@@ -184,11 +184,13 @@ def run_labels(paths: Sequence[Path]) -> list[str]:
 # ---------------------------------------------------------------------------- grouping
 def _setting_keys(run: Run) -> dict[str, Any]:
     flat = flatten(run.config)
+    ignored = ignored_model_keys(run.config)  # e.g. model.widths of a RevMLP
     return {
         k: v
         for k, v in flat.items()
         if not k.rsplit(".", 1)[-1].endswith("seed")
         and k not in _BOOKKEEPING
+        and k not in ignored
         and not k.startswith(_BOOKKEEPING_PREFIXES)
     }
 
@@ -263,8 +265,9 @@ def group_runs(runs: Sequence[Run]) -> list[Panel]:
         for key, group in groups.items():
             s = dict(key)
             # GN's own keys say nothing about an Adam or SGD run (they are defaults there), so they label GN
-            # only.
-            own = [k for k in differing if group[0].optimiser == "gn" or not k.startswith("optim.gn.")]
+            # only; keys a run does not have (e.g. model.widths of a RevMLP) say nothing about it either.
+            gn = group[0].optimiser == "gn"
+            own = [k for k in differing if k in s and (gn or not k.startswith("optim.gn."))]
             extras = ", ".join(f"{_short(k, differing)}={_fmt_value(s.get(k))}" for k in own)
             label = group[0].optimiser + (f" ({extras})" if extras else "")
             if len(group) > 1:

@@ -1,0 +1,248 @@
+"""Write the architecture study files: exact GN (J⁺) vs Adam vs SGD on MLP, ResMLP and RevMLP.
+
+    PYTHONPATH=. python scripts/make_architecture_study.py            # rewrite the shipped files
+
+Writes ``exactgn/lab/configs/studies/architecture-cpu.toml`` (h = 1024), ``architecture.toml`` (h = 8000, a
+GPU) and the CPU tuning studies ``studies/tuning/architecture-{minibatch,fullbatch}-cpu.toml``. The three
+models have matched trainable parameter counts: ResMLP and RevMLP with the same (d, h, L) hold the same count;
+the MLP has two hidden layers of the width :func:`exactgn.models.mlp_width_for` gives for that count. The
+header of each file is :data:`HEADERS` plus the measured CPU time (``--timing`` text, kept in the script).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import exactgn  # noqa: E402
+from exactgn.lab.config import toml_value  # noqa: E402
+from exactgn.models import mlp_width_for  # noqa: E402
+
+STUDIES = ROOT / "exactgn" / "lab" / "configs" / "studies"
+KINDS = ("mlp", "resmlp", "revmlp")
+OPTIMISERS = ("gn", "adam", "sgd")
+SEEDS = (42, 43, 44)
+#: Setting → (base setting folder, "-cpu" added for the CPU twin, keys of the setting). Mini-batch twin: the
+#: first 10000 images, B = 128, 15 epochs; full-batch twin: the first 256 images, 100 steps. Validation
+#: images as the tuning studies.
+SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "mb": (
+        "mnist-minibatch",
+        {
+            "data.train_size": 10000,
+            "data.val_size": 5000,
+            "train.batch_size": 128,
+            "train.drop_last": True,
+            "train.epochs": 15,
+            "train.checkpoint_every": 3,
+            "diagnostics.every": 3,
+        },
+    ),
+    "fb": (
+        "mnist-fullbatch",
+        {
+            "data.train_size": 256,
+            "data.val_size": 1000,
+            "train.batch_size": 0,
+            "train.epochs": 100,
+            "train.checkpoint_every": 10,
+            "diagnostics.every": 10,
+        },
+    ),
+}
+#: Learning-rate grids of the tuning studies; the middle value is the study's rate until tuned.
+GRIDS = {
+    ("mb", "gn"): (0.05, 0.2, 1.0),
+    ("fb", "gn"): (0.3, 1.0, 3.0),
+    ("mb", "adam"): (1e-4, 3e-4, 1e-3),
+    ("fb", "adam"): (1e-4, 3e-4, 1e-3),
+    ("mb", "sgd"): (0.03, 0.1, 0.3),
+    ("fb", "sgd"): (0.03, 0.1, 0.3),
+}
+COMMON = {
+    "optim.gn.solve_dtype": "float64",
+    "optim.gn.least_squares": False,
+    "train.threads": 1,
+}
+
+
+def model_keys(kind: str, hidden: int) -> dict[str, Any]:
+    """The ``[model]`` keys of ``kind`` at bottleneck width ``hidden`` (MLP: matched parameter count)."""
+    if kind == "mlp":
+        rev = exactgn.RevMLP(784, 10, 2, hidden)
+        count = sum(p.numel() for p in rev.parameters() if p.requires_grad)
+        width = mlp_width_for(count, 784, 10, 2)
+        return {"model.kind": "mlp", "model.widths": [width, width]}
+    return {"model.kind": kind, "model.hidden": hidden}
+
+
+def run_keys(setting: str, kind: str, opt: str, hidden: int, lr: float, seed: int) -> dict[str, Any]:
+    keys = {**SETTINGS[setting][1], **model_keys(kind, hidden)}
+    if opt == "gn":
+        keys.update({"optim.gn.inverse": "pinv", "optim.gn.rtol": 0.0, "optim.gn.atol": 0.0})
+    return {**keys, "optim.lr": lr, "seed": seed}
+
+
+def runs(settings: tuple[str, ...], hidden: int, tuning: bool) -> list[dict[str, Any]]:
+    """Every run; the CPU twins' configs at h = 1024, the reference configs (the twins' sources) otherwise."""
+    suffix = "-cpu" if hidden == 1024 else ""
+    out = []
+    for setting in settings:
+        for kind in KINDS:
+            for opt in OPTIMISERS:
+                grid = GRIDS[setting, opt]
+                for lr, seed in [(lr, 42) for lr in grid] if tuning else [(grid[1], s) for s in SEEDS]:
+                    tag = f"lr{lr:g}" if tuning else f"s{seed}"
+                    out.append(
+                        {
+                            "name": f"{setting}-{kind}-{opt}-{tag}",
+                            "config": f"{SETTINGS[setting][0]}{suffix}/{opt}",
+                            "set": run_keys(setting, kind, opt, hidden, lr, seed),
+                        }
+                    )
+    return out
+
+
+def study_text(header: str, name: str, description: str, fixed: dict[str, Any], items: list[dict]) -> str:
+    lines = [f"# {line}".rstrip() for line in header.strip().splitlines()]
+    lines += [f"name = {toml_value(name)}", f"description = {toml_value(description)}", "", "[set]"]
+    lines += [f"{toml_value(k)} = {toml_value(v)}" for k, v in fixed.items()]
+    for item in items:
+        body = ", ".join(f"{toml_value(k)} = {toml_value(v)}" for k, v in item["set"].items())
+        lines += [
+            "",
+            "[[run]]",
+            f"name = {toml_value(item['name'])}",
+            f"config = {toml_value(item['config'])}",
+        ]
+        lines.append(f"set = {{ {body} }}")
+    return "\n".join(lines) + "\n"
+
+
+HEADERS = {
+    "architecture-cpu": """
+Architecture study, CPU-sized: exact GN (J⁺, untruncated, float64 solves) vs Adam vs SGD on an MLP, a
+ResMLP and a RevMLP with matched trainable parameter counts (1,607,200: RevMLP and ResMLP d = 784, h = 1024,
+L = 2; MLP 784 → 931 → 931 → 10, 1,607,847, He init), on the MNIST mini-batch twin (mb-: first 10000
+images, B = 128, 15 epochs) and full-batch twin (fb-: first 256 images, 100 steps); seeds 42, 43, 44;
+diagnostics (NTK, CKA per block / hidden layer, weights) and kept epoch checkpoints. Validation split as
+the tuning studies (data.val_size; the training images do not change with it). Test set: all 10000 images.
+The RevMLP's right inverse J♭ exists only for RevMLP, so GN is J⁺ for every model here.
+Learning rates: the middle of each tuning grid until tuned. Tune (studies/tuning/architecture-*-cpu.toml),
+then
+  python scripts/tune.py runs/studies/tune-arch-mb-cpu \\
+      --template exactgn/lab/configs/studies/architecture-cpu.toml --only mb- \\
+      --out runs/architecture-cpu-1.toml
+  python scripts/tune.py runs/studies/tune-arch-fb-cpu --template runs/architecture-cpu-1.toml --only fb- \\
+      --out runs/architecture-cpu-tuned.toml
+  exactgn study runs/architecture-cpu-tuned.toml --out runs/studies/architecture-cpu
+Regenerate with scripts/make_architecture_study.py (do not edit by hand).
+""",
+    "architecture": """
+Architecture study, reference-size (a GPU): as architecture-cpu.toml (same data, epochs, seeds, optimisers and
+learning rates) with the reference width h = 8000: RevMLP and ResMLP d = 784, h = 8000, L = 2 (12,545,568
+trainable parameters), MLP 784 → 3166 → 3166 → 10 (12,543,702). train.device is auto (CUDA when present).
+Tune on the CPU twin or rerun the tuning files with the overrides of this file; then fill the rates with
+scripts/tune.py as in architecture-cpu.toml.
+Regenerate with scripts/make_architecture_study.py (do not edit by hand).
+""",
+    "tuning-mb": """
+Tuning for the architecture study: learning rate per contender (jplus/adam/sgd × mlp/resmlp/revmlp; labels
+exactgn.lab.evidence.contender, e.g. jplus-mlp) on the MNIST mini-batch twin of architecture-cpu.toml
+(first 10000 images, B = 128, 15 epochs), seed 42, on a validation split of 5000 images from outside the
+training subset (never the test set; the test set here: first 2000 images, not used for selection).
+Grids: GN (J⁺) 0.05, 0.2, 1.0; Adam 1e-4, 3e-4, 1e-3; SGD 0.03, 0.1, 0.3.
+  exactgn study exactgn/lab/configs/studies/tuning/architecture-minibatch-cpu.toml \\
+      --out runs/studies/tune-arch-mb-cpu
+  python scripts/tune.py runs/studies/tune-arch-mb-cpu        # the table and the chosen rates
+Selection (scripts/tune.py): highest validation accuracy at the final epoch; diverged runs are out.
+Regenerate with scripts/make_architecture_study.py (do not edit by hand).
+""",
+    "tuning-fb": """
+Tuning for the architecture study: learning rate per contender (jplus/adam/sgd × mlp/resmlp/revmlp) on the
+MNIST full-batch twin of architecture-cpu.toml (first 256 images, 100 steps), seed 42, on a validation split
+of 1000 images from outside the training subset (test set: first 1000 images, not used for selection).
+Grids: GN (J⁺) 0.3, 1.0, 3.0; Adam 1e-4, 3e-4, 1e-3; SGD 0.03, 0.1, 0.3.
+  exactgn study exactgn/lab/configs/studies/tuning/architecture-fullbatch-cpu.toml \\
+      --out runs/studies/tune-arch-fb-cpu
+  python scripts/tune.py runs/studies/tune-arch-fb-cpu
+Regenerate with scripts/make_architecture_study.py (do not edit by hand).
+""",
+}
+_MEASURED = """
+CPU time, 1 thread, measured on a shared 2-core machine under load (load average 4-5; idle cores are faster):
+one epoch of each contender's seed-42 run with diagnostics on (the lower of two passes), minutes per
+run (epochs × epoch + records × diagnostics record) J⁺ / Adam / SGD:
+  mini-batch (78 steps, ~25000 images evaluated per epoch): MLP 7.6 / 2.7 / 2.5, ResMLP 9.5 / 2.0 / 2.4,
+    RevMLP 7.3 / 2.3 / 2.3 (J⁺ epochs 29-37 s; Adam and SGD 8-12 s): 38.6 min per seed.
+  full-batch (1 step of 256 images per epoch): MLP 3.1 / 1.2 / 1.2, ResMLP 2.7 / 1.6 / 1.6,
+    RevMLP 2.9 / 1.8 / 1.7: 17.8 min per seed.
+"""
+#: Measured CPU time (1 thread) appended to each header.
+TIMING = {
+    "architecture-cpu": _MEASURED
+    + "54 runs: about 170 core-min (3 seeds × 56 min), ~1.5 h on 2 cores with two runs at a time.\n",
+    "architecture": "Not measured on a GPU. On a CPU (not its place) h = 8000 holds 7.8× the parameters of\n"
+    "architecture-cpu.toml's models; expect at least that factor over its ~170 core-min.\n",
+    "tuning-mb": _MEASURED
+    + "27 runs (no diagnostics, 2000 test images): about 100 core-min (3 rates × ~36 min).\n",
+    "tuning-fb": _MEASURED
+    + "27 runs (no diagnostics, 1000 test images): about 45 core-min (3 rates × ~16 min).\n",
+}
+
+
+def main() -> int:
+    final = {
+        **COMMON,
+        "data.test_size": 0,
+        "train.keep_checkpoints": True,
+        "diagnostics.enabled": True,
+        "diagnostics.probe_size": 128,
+    }
+    gpu = {k: v for k, v in final.items() if k != "train.threads"}
+    files = {
+        STUDIES / "architecture-cpu.toml": (
+            "architecture-cpu",
+            "Exact GN (J+) vs Adam vs SGD on MLP, ResMLP, RevMLP at matched parameter counts (h = 1024): "
+            "MNIST mini-batch (10000 images, B = 128) and full-batch (256 images) twins, 3 seeds, "
+            "diagnostics",
+            final,
+            runs(("mb", "fb"), 1024, tuning=False),
+        ),
+        STUDIES / "architecture.toml": (
+            "architecture",
+            "Exact GN (J+) vs Adam vs SGD on MLP, ResMLP, RevMLP at matched parameter counts (h = 8000): "
+            "MNIST mini-batch (10000 images, B = 128) and full-batch (256 images) twins, 3 seeds, "
+            "diagnostics",
+            gpu,
+            runs(("mb", "fb"), 8000, tuning=False),
+        ),
+        STUDIES / "tuning" / "architecture-minibatch-cpu.toml": (
+            "tune-arch-mb-cpu",
+            "Learning-rate tuning on a validation split for the architecture study: mini-batch twin, "
+            "J+/Adam/SGD x MLP/ResMLP/RevMLP x 3 rates",
+            {**COMMON, "data.test_size": 2000},
+            runs(("mb",), 1024, tuning=True),
+        ),
+        STUDIES / "tuning" / "architecture-fullbatch-cpu.toml": (
+            "tune-arch-fb-cpu",
+            "Learning-rate tuning on a validation split for the architecture study: full-batch twin, "
+            "J+/Adam/SGD x MLP/ResMLP/RevMLP x 3 rates",
+            {**COMMON, "data.test_size": 1000},
+            runs(("fb",), 1024, tuning=True),
+        ),
+    }
+    keys = ("architecture-cpu", "architecture", "tuning-mb", "tuning-fb")
+    for key, (path, (name, description, fixed, items)) in zip(keys, files.items()):
+        header = HEADERS[key] + TIMING[key]
+        path.write_text(study_text(header, name, description, fixed, items), encoding="utf-8")
+        print(f"wrote {path.relative_to(ROOT)} ({len(items)} runs)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
