@@ -1,6 +1,7 @@
 """exactgn's minimum-norm GN step against curvlinops' Jacobian operator solved by LSMR, on a plain MLP.
 
-    pip install curvlinops-for-pytorch "torch==2.13.0"     # not an exactgn dependency; pin torch
+    pip install curvlinops-for-pytorch "torch==2.13.0"     # not an exactgn dependency; pin torch, and
+    pip uninstall -y torchvision                            # if pip brought it: it fails beside the CPU torch
     PYTHONPATH=. python scripts/compare_lsmr.py [--batch 64 256] [--threads 1] [--json FILE]
 
 The step is ``δ = J⁺v`` (``v = H⁺g``, cross-entropy with the identity Hessian; :func:`exactgn.gn_direction`
