@@ -8,6 +8,7 @@ building the parser loads no training code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import textwrap
@@ -65,10 +66,28 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return extra
 
 
+def _say(text: str, file: Any = None) -> None:
+    """``print``, but a closed pipe (``| head``, Ctrl-C through ``| tee``) silences the stream instead of
+    failing the command."""
+    file = file or sys.stdout
+    try:
+        print(text, file=file, flush=True)
+    except (BrokenPipeError, ValueError):
+        _silence(file)
+
+
+def _silence(file: Any) -> None:
+    """Point a stream whose reader is gone at /dev/null, so that Python's exit flush cannot fail either."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, file.fileno())
+        os.close(devnull)
+
+
 def _interrupted(command: str, exc: BaseException, *hints: str) -> int:
-    print(f"exactgn {command}: {exc}", file=sys.stderr)
+    _say(f"exactgn {command}: {exc}", sys.stderr)
     for hint in hints:
-        print(f"exactgn {command}: {hint}", file=sys.stderr)
+        _say(f"exactgn {command}: {hint}", sys.stderr)
     return 130
 
 
@@ -182,7 +201,7 @@ def _run_train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as exc:
         return _interrupted("train", exc)
     meta = read_meta(run_dir)
-    print(
+    _say(
         f"{meta['status']}: {run_dir} ({meta['epochs_done']} epochs, {meta['global_step']} steps, "
         f"{meta['wall_time_s']:.1f} s)"
     )
@@ -649,10 +668,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # the reader of stdout or stderr is gone: nothing more to say
+        _silence(sys.stdout)
+        _silence(sys.stderr)
+        return 1
     except (ValueError, OSError, ExactGNError) as exc:
         if os.environ.get("EXACTGN_DEBUG"):
             raise
-        print(f"exactgn {args.command}: error: {exc}", file=sys.stderr)
+        _say(f"exactgn {args.command}: error: {exc}", sys.stderr)
         return 2
 
 
