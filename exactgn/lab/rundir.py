@@ -247,10 +247,20 @@ def provenance(device: Any = "cpu") -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- atomic files
+_KILL_COUNTS: dict[str, int] = {}
+
+
 def test_kill_point(point: str, name: str) -> None:
-    """Test hook: SIGKILL this process at ``point`` of writing file ``name`` when ``EXACTGN_TEST_KILL_AT`` is
-    ``point:name`` (``before-rename`` or ``after-write``), so tests can kill a real run between two writes."""
-    if os.environ.get("EXACTGN_TEST_KILL_AT") == f"{point}:{name}":
+    """Test hook: SIGKILL this process at ``point`` (``before-rename`` or ``after-write``) of the ``n``-th
+    write of file ``name`` when ``EXACTGN_TEST_KILL_AT`` is ``point:name[:n]``, so that tests can kill a real
+    run between two writes."""
+    wanted = os.environ.get("EXACTGN_TEST_KILL_AT")
+    if not wanted:
+        return
+    key = f"{point}:{name}"
+    _KILL_COUNTS[key] = _KILL_COUNTS.get(key, 0) + 1
+    target, _, nth = wanted.rpartition(":") if wanted.count(":") == 2 else (wanted, "", "1")
+    if target == key and str(_KILL_COUNTS[key]) == nth:
         import signal  # noqa: PLC0415
 
         os.kill(os.getpid(), signal.SIGKILL)

@@ -318,6 +318,7 @@ class _Run:
     wall_offset: float = 0.0
     segment_start: float = field(default_factory=time.perf_counter)
     bar: Any = None
+    resumed: bool = False
 
     # -------------------------------------------------------------- sizes
     @property
@@ -767,6 +768,7 @@ def _build_run(start: _Start, callbacks: Sequence[EpochCallback], progress: bool
     )
     if payload is not None:
         run.restore(payload)
+        run.resumed = True
     start.meta["steps_per_epoch"] = run.steps_per_epoch
     run.update_meta()
     return run
@@ -787,7 +789,7 @@ def _loop(run: _Run, guard: _InterruptGuard, progress: bool, epoch_lines: bool) 
         desc=f"{cfg.name}/{cfg.optim.name}",
         leave=epoch_lines,
     )
-    if run.pos.global_step and progress:
+    if run.resumed and progress:
         epoch = run.pos.epoch if run.pos.epoch is not None else run.pos.epochs_done + 1
         _write(f"resuming at epoch {min(epoch, cfg.train.epochs)}, step {run.pos.global_step} of {total}")
     try:
