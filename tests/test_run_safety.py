@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from exactgn.cli import main as cli_main
 from exactgn.lab import train as T
 from exactgn.lab.checkpoint import load_checkpoint
 from exactgn.lab.config import ConfigError, loads_config
-from exactgn.lab.rundir import RunInUse, RunLock, read_meta, read_rows
+from exactgn.lab.rundir import RunInUse, RunLock, read_meta, read_rows, run_status, write_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = """
@@ -241,3 +242,34 @@ def test_threads_beyond_the_machine_are_refused_before_the_folder_is_used(tmp_pa
     with pytest.raises(ConfigError, match=r"train.threads = 100000 exceeds the \d+ cores"):
         T.train(cfg, tmp_path / "r", progress=False)
     assert not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------------------- 10, 11: diagnose, report
+def test_diagnose_without_kept_checkpoints_refuses_with_the_way_out(tmp_path, capsys, keep_threads):
+    run = tmp_path / "r"
+    T.train(loads_config(TINY.format(epochs=2), ["train.keep_checkpoints=false"]), run, progress=False)
+    assert cli_main(["diagnose", str(run), "--probe-size", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "kept: epoch_0000.pt" in err and "--set train.keep_checkpoints=true" in err
+    assert not (run / "diagnostics.jsonl").exists()
+
+
+def test_report_shows_each_runs_status_and_flags_a_dead_running_run(tmp_path, capsys, keep_threads):
+    runs = tmp_path / "runs"
+    for name in ("done", "killed", "live"):
+        T.train(loads_config(TINY.format(epochs=1), [f'name="{name}"']), runs / name, progress=False)
+    for name in ("killed", "live"):  # as a SIGKILLed / a live run leaves it
+        meta = read_meta(runs / name)
+        write_meta(runs / name, {**meta, "status": "running"})
+    # a single diagnostics record at epoch 0 (the initial model) is not a final value
+    (runs / "done" / "diagnostics.jsonl").write_text('{"epoch": 0, "ntk_alignment": 1.0}\n')
+    assert run_status(runs / "killed", read_meta(runs / "killed")) == "running (process gone)"
+    with RunLock(runs / "live"):
+        assert run_status(runs / "live", read_meta(runs / "live")) == "running"
+        assert cli_main(["report", str(runs), "--out", str(tmp_path / "rep")]) == 0
+    page = (tmp_path / "rep" / "index.html").read_text()
+    summary = page[page.index("<h2>Summary</h2>") : page.index("<h2>Runs</h2>")]
+    row = summary[summary.index("<tr><td>") :].split("</tr>")[0]
+    cells = [c.split(">", 1)[1] for c in row.split("</td>")[:-1]]
+    assert cells[1:3] == ["3", "finished, running (process gone), running"]
+    assert cells[8] == "–"  # NTK alignment (last): no final record, not the initial 1

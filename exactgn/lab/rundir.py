@@ -65,6 +65,7 @@ __all__ = [
     "create_run_dir",
     "clean_temporaries",
     "lock_holder",
+    "run_status",
     "test_kill_point",
 ]
 
@@ -408,6 +409,17 @@ class RunLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def run_status(run_dir: str | os.PathLike, meta: dict[str, Any]) -> str:
+    """``meta.json``'s status, except that a ``running`` run whose process is gone (no live lock) reads
+    ``running (process gone)``: it was killed, and ``exactgn train --resume`` continues it."""
+    status = str(meta.get("status") or "unknown")
+    if status == "running":
+        holder = lock_holder(run_dir)
+        if holder is None or holder["alive"] is False:
+            return "running (process gone)"
+    return status
 
 
 def create_run_dir(run_dir: str | os.PathLike) -> RunLock:
