@@ -3,6 +3,7 @@ writes, a kill before the first checkpoint, SIGTERM, a closed output pipe, and r
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -273,3 +274,47 @@ def test_report_shows_each_runs_status_and_flags_a_dead_running_run(tmp_path, ca
     cells = [c.split(">", 1)[1] for c in row.split("</td>")[:-1]]
     assert cells[1:3] == ["3", "finished, running (process gone), running"]
     assert cells[8] == "–"  # NTK alignment (last): no final record, not the initial 1
+
+
+# ---------------------------------------------------------------------------- 8: config and disk errors
+def test_config_errors_name_the_file_the_key_and_the_override(tmp_path, capsys):
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes('name = "caf\xe9"\n'.encode("latin-1"))
+    good = _config(tmp_path, epochs=1)
+    for argv, message in (
+        (["train", str(bad)], f"{bad}: not UTF-8 text (byte 11); save it as UTF-8"),
+        (["train", str(good), "--set", "optim.lr=0"], "optim.lr: must be > 0"),
+        (["train", str(good), "--set", "seed=1e20"], "seed: "),
+        (["train", str(good), "--set", "train.epochs=abc"], "--set train.epochs: "),
+    ):
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        if "--set" in argv:
+            assert err.startswith("exactgn train: error: --set ") and "not in" in err, err
+    cfg = loads_config(TINY.format(epochs=1), ["seed=4611686018427387904"])  # 2**62: the largest allowed
+    assert cfg.seed == 2**62
+
+
+def test_a_full_disk_names_the_file_and_the_way_to_resume(tmp_path, monkeypatch, keep_threads):
+    real_fsync = os.fsync
+
+    def fsync(fd):  # the disk fills up while epoch 1's weights are written
+        if ".epoch_0001.pt.tmp-" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    run = tmp_path / "r"
+    pattern = r"while writing .*epoch_0001\.pt; .*exactgn train --resume .*r$"
+    with pytest.raises(OSError, match=pattern) as err:
+        T.train(loads_config(TINY.format(epochs=2)), run, progress=False)
+    assert err.value.errno == errno.ENOSPC
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert read_meta(run)["status"] == "failed" and not _leftovers(run)
+    T.train(None, resume=run, progress=False)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[:3] == [
+        "epoch_0000.pt",
+        "epoch_0001.pt",
+        "epoch_0002.pt",
+    ]

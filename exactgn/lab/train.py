@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import math
 import os
 import random
@@ -869,7 +870,14 @@ def train(
     except KeyboardInterrupt:
         raise _stop_interrupted(run, guard) from None
     except BaseException as exc:
-        run.update_meta(status="failed", end_time=utc_now(), message=f"{type(exc).__name__}: {exc}")
+        with contextlib.suppress(OSError):  # meta.json itself may not fit on a full disk
+            run.update_meta(status="failed", end_time=utc_now(), message=f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise OSError(
+                exc.errno,
+                f"{exc.strerror}; the last complete checkpoint is kept: free some space, then resume with: "
+                f"exactgn train --resume {run.run_dir}",
+            ) from exc
         raise
     finally:
         guard.uninstall()
