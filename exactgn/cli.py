@@ -445,16 +445,17 @@ def _add_sweep(sub: Sub) -> None:
     p.add_argument(
         "sweep", metavar="SWEEP.toml", help="the sweep file (see the module docstring or the README)"
     )
-    p.add_argument("--out", metavar="DIR", help="sweep folder (default sweeps/<name>)")
+    p.add_argument("--out", metavar="DIR", help="sweep folder (default runs/sweeps/<name>)")
     p.add_argument("--backend", choices=BACKENDS, help="override the file's backend")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--verbose", action="store_true", help="Ray Tune's status tables and the trials' output")
     p.set_defaults(func=_run_sweep)
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
     from .lab.sweep import run_sweep
 
-    out = run_sweep(args.sweep, args.out, backend=args.backend, progress=not args.quiet)
+    out = run_sweep(args.sweep, args.out, backend=args.backend, progress=not args.quiet, verbose=args.verbose)
     print((out / "results.csv").read_text(), end="")
     print(f"sweep folder: {out}")
     return 0

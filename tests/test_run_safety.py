@@ -318,3 +318,35 @@ def test_a_full_disk_names_the_file_and_the_way_to_resume(tmp_path, monkeypatch,
         "epoch_0001.pt",
         "epoch_0002.pt",
     ]
+
+
+# ---------------------------------------------------------------------------- 12: sweeps
+SWEEP = """
+name = "quiet"
+base = "demo-minibatch/gn"
+backend = "ray"
+[set]
+"train.epochs" = 1
+"data.train_size" = 200
+"data.test_size" = 50
+"model.hidden" = 32
+"train.batch_size" = 100
+[grid]
+seed = [0, 1]
+"""
+
+
+def test_a_ray_sweep_is_quiet_by_default_says_its_threads_and_writes_under_runs(
+    tmp_path, monkeypatch, capfd, keep_threads
+):
+    from exactgn.lab.sweep import run_sweep
+
+    (tmp_path / "s.toml").write_text(SWEEP)
+    monkeypatch.chdir(tmp_path)
+    out = run_sweep(tmp_path / "s.toml")
+    assert out == tmp_path / "runs" / "sweeps" / "quiet"
+    assert [read_meta(out / t)["status"] for t in ("trial-000", "trial-001")] == ["finished"] * 2
+    err = capfd.readouterr().err
+    assert "sweep quiet: 2 trials (ray), up to" in err and "each trial uses 1 torch thread(s)" in err
+    assert "2/2" in err  # the progress bar over trials
+    assert "Trial status" not in err and "Trial name" not in err and len(err.splitlines()) < 30, err
