@@ -350,3 +350,25 @@ def test_a_ray_sweep_is_quiet_by_default_says_its_threads_and_writes_under_runs(
     assert "sweep quiet: 2 trials (ray), up to" in err and "each trial uses 1 torch thread(s)" in err
     assert "2/2" in err  # the progress bar over trials
     assert "Trial status" not in err and "Trial name" not in err and len(err.splitlines()) < 30, err
+
+
+# ---------------------------------------------------------------------------- 6: memory
+@pytest.mark.parametrize("override", ["model.blocks=1000000000", "model.hidden=100000000000"])
+def test_a_model_that_cannot_fit_is_refused_with_the_numbers(tmp_path, override, keep_threads):
+    cfg = loads_config(TINY.format(epochs=1), [override])
+    pattern = r"needs about [\d.e+]+ GiB \(parameters .* GiB are free on cpu; make"
+    with pytest.raises(ConfigError, match=pattern):
+        T.train(cfg, tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("bottleneck", [True, False])
+def test_the_memory_estimate_counts_the_models_tensors(bottleneck):
+    from exactgn.lab.steppers import build_model
+
+    cfg = loads_config(TINY.format(epochs=1), [f"model.bottleneck={str(bottleneck).lower()}"])
+    model = build_model(cfg, 784, 10)
+    tensors = [*model.parameters(), *model.buffers()]
+    parts = T.estimate_memory(cfg, 784, 10, 50)
+    assert parts["parameters"] == sum(t.numel() * t.element_size() for t in tensors)
+    assert parts["gradients"] == sum(p.numel() * p.element_size() for p in model.parameters())

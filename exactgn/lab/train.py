@@ -747,16 +747,71 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+_OPTIMISER_STATES = {"gn": 1, "adam": 2, "adamw": 2, "sgd": 1}  # tensors of θ's size each keeps
+
+
+def estimate_memory(cfg: RunConfig, features: int, classes: int, batch: int) -> dict[str, int]:
+    """Bytes a run needs beyond its data, by part: ``parameters`` (with the fixed bottlenecks and readout),
+    ``gradients``, ``optimiser`` state, ``activations`` (the per-half-layer records of one batch) and, for GN,
+    ``grams`` (the ``(Bk)²`` NTK Gram of ``pinv``, or a ``B × B`` Gram per half-layer for ``right``)."""
+    m, size = cfg.model, dtype_from_name(cfg.model.dtype).itemsize
+    half = features // 2
+    width = m.hidden if m.bottleneck else half
+    trainable = 2 * m.blocks * (half * width + (half if m.bias else 0))
+    fixed = 2 * m.blocks * half * m.hidden * int(m.bottleneck) + features * classes
+    parts = {
+        "parameters": (trainable + fixed) * size,
+        "gradients": trainable * size,
+        "optimiser": _OPTIMISER_STATES.get(cfg.optim.name, 2) * trainable * size,
+        "activations": 2 * m.blocks * batch * (width + half) * size,
+        "grams": 0,
+    }
+    if cfg.optim.name == "gn":
+        rows = batch * classes if cfg.optim.gn.inverse == "pinv" else batch
+        parts["grams"] = rows * rows * 8  # the solves may run in float64
+    return parts
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on ``device`` (the GPU's free memory, or the host's ``MemAvailable``); ``None``: unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_memory(cfg: RunConfig, data: DataSplit, batch: int, device: torch.device) -> None:
+    """Refuse, with the numbers, a model that cannot fit, before anything of its size is allocated."""
+    parts = estimate_memory(cfg, data.features, data.num_classes, batch)
+    need, free = sum(parts.values()), available_memory(device)
+    if free is None or need <= free:
+        return
+    gib = 2.0**30
+    detail = ", ".join(f"{k} {v / gib:.3g}" for k, v in parts.items() if v)
+    raise ConfigError(
+        f"this run needs about {need / gib:.3g} GiB ({detail} GiB) but {free / gib:.3g} GiB are free on "
+        f"{device}; make model.hidden ({cfg.model.hidden}), model.blocks ({cfg.model.blocks}) or "
+        f"train.batch_size ({batch}) smaller"
+    )
+
+
 def _build_run(start: _Start, callbacks: Sequence[EpochCallback], progress: bool) -> _Run:
     cfg, payload = start.cfg, start.payload
     _set_threads(cfg, start.meta, payload is not None)
     device = resolve_device(cfg.train.device)
     data = _load_data(cfg, device)
+    batch = len(data.train) if cfg.train.batch_size == 0 else min(cfg.train.batch_size, len(data.train))
+    _check_memory(cfg, data, batch, device)
     model = build_model(cfg, data.features, data.num_classes)
     if cfg.model.init_from and payload is None:
         start.meta["init_from"] = load_init_weights(model, cfg.model.init_from)
     model = model.to(device)
-    batch = len(data.train) if cfg.train.batch_size == 0 else min(cfg.train.batch_size, len(data.train))
     check_gn_batch(cfg, model, batch)
     stepper = build_stepper(cfg, model)
     all_callbacks = list(callbacks) + _config_callbacks(cfg, data, start.run_dir)
