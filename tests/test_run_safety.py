@@ -372,3 +372,31 @@ def test_the_memory_estimate_counts_the_models_tensors(bottleneck):
     parts = T.estimate_memory(cfg, 784, 10, 50)
     assert parts["parameters"] == sum(t.numel() * t.element_size() for t in tensors)
     assert parts["gradients"] == sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------- 11: figures
+def test_figures_state_the_band_show_accuracy_in_percent_and_one_point_on_its_own_tick(
+    tmp_path, monkeypatch, keep_threads
+):
+    from exactgn.lab.report import figures, make_report
+
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        T.train(loads_config(TINY.format(epochs=1), [f"seed={seed}"]), runs / f"s{seed}", progress=False)
+        (runs / f"s{seed}" / "diagnostics.jsonl").write_text('{"epoch": 0, "ntk_alignment": 1.0}\n')
+    drawn = {}
+    original = figures._save
+
+    def keep(fig, path):
+        drawn[path.name.split("-")[0]] = fig
+        return original(fig, path)
+
+    monkeypatch.setattr(figures, "_save", keep)
+    make_report([runs], tmp_path / "rep", band="minmax")
+    curves = drawn["curves"]
+    assert "mean over seeds, band = min–max" in [t.get_text() for t in curves.texts]
+    accuracy = next(ax for ax in curves.axes if ax.get_ylabel() == "test accuracy (%)")
+    values = [y for line in accuracy.get_lines() for y in line.get_ydata()]
+    assert 1 < max(values) <= 100
+    ntk = drawn["ntk"].axes[0]
+    assert list(ntk.get_xticks()) == [0] and ntk.get_xlim() == (-1, 1)
