@@ -400,3 +400,16 @@ def test_figures_state_the_band_show_accuracy_in_percent_and_one_point_on_its_ow
     assert 1 < max(values) <= 100
     ntk = drawn["ntk"].axes[0]
     assert list(ntk.get_xticks()) == [0] and ntk.get_xlim() == (-1, 1)
+
+
+def test_a_study_or_sweep_never_deletes_a_folder_a_live_run_holds(tmp_path):
+    from exactgn.lab.rundir import remove_run
+
+    run = tmp_path / "r"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "steps.csv").write_text("epoch\n")
+    with RunLock(run), pytest.raises(RunInUse, match=f"in use by process {os.getpid()}"):
+        remove_run(run)
+    assert (run / "steps.csv").exists()
+    remove_run(run)
+    assert not run.exists()

@@ -19,6 +19,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -66,6 +67,7 @@ __all__ = [
     "clean_temporaries",
     "lock_holder",
     "run_status",
+    "remove_run",
     "test_kill_point",
 ]
 
@@ -420,6 +422,16 @@ def run_status(run_dir: str | os.PathLike, meta: dict[str, Any]) -> str:
         if holder is None or holder["alive"] is False:
             return "running (process gone)"
     return status
+
+
+def remove_run(run_dir: str | os.PathLike) -> None:
+    """Delete a run folder that holds nothing worth keeping (a study or sweep restarting it), but never one
+    that a live process is training into (:class:`RunInUse`)."""
+    with RunLock(run_dir):
+        for path in Path(run_dir).iterdir():
+            if path.name != LOCK_FILE:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    Path(run_dir).rmdir()
 
 
 def create_run_dir(run_dir: str | os.PathLike) -> RunLock:

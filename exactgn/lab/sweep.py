@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig, find_config, load_config, read_toml, toml_value
-from .rundir import atomic_write_text, run_state
+from .rundir import atomic_write_text, remove_run, run_state
 from .schema import validate_table
 from .specs import BACKENDS, SweepFile
 
@@ -176,7 +176,6 @@ def describe_overrides(overrides: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------- running
 def run_trial(spec_path: str, out: str, index: int, overrides: dict[str, Any]) -> dict[str, Any]:
     """Run (or resume, or skip if finished) one trial; returns its summary. Called in Ray workers too."""
-    import shutil
 
     import torch
 
@@ -189,7 +188,7 @@ def run_trial(spec_path: str, out: str, index: int, overrides: dict[str, Any]) -
     state = run_state(run_dir)  # "stopped" (diverged) and "finished" trials are kept as they are
     torch.set_num_threads(spec.cpus_per_trial)
     if state == "restart":  # a folder without a checkpoint: nothing to keep
-        shutil.rmtree(run_dir)
+        remove_run(run_dir)
         state = "new"
     if state == "new":
         train(_trial_config(spec, trial), run_dir, progress=False)
