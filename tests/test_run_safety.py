@@ -274,6 +274,7 @@ def test_report_shows_each_runs_status_and_flags_a_dead_running_run(tmp_path, ca
     cells = [c.split(">", 1)[1] for c in row.split("</td>")[:-1]]
     assert cells[1:3] == ["3", "finished, running (process gone), running"]
     assert cells[8] == "–"  # NTK alignment (last): no final record, not the initial 1
+    assert 1 < float(cells[6].split()[0]) <= 100  # final test accuracy, in percent
 
 
 # ---------------------------------------------------------------------------- 8: config and disk errors
