@@ -8,6 +8,7 @@ building the parser loads no training code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import textwrap
@@ -65,10 +66,28 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return extra
 
 
+def _say(text: str, file: Any = None) -> None:
+    """``print``, but a closed pipe (``| head``, Ctrl-C through ``| tee``) silences the stream instead of
+    failing the command."""
+    file = file or sys.stdout
+    try:
+        print(text, file=file, flush=True)
+    except (BrokenPipeError, ValueError):
+        _silence(file)
+
+
+def _silence(file: Any) -> None:
+    """Point a stream whose reader is gone at /dev/null, so that Python's exit flush cannot fail either."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, file.fileno())
+        os.close(devnull)
+
+
 def _interrupted(command: str, exc: BaseException, *hints: str) -> int:
-    print(f"exactgn {command}: {exc}", file=sys.stderr)
+    _say(f"exactgn {command}: {exc}", sys.stderr)
     for hint in hints:
-        print(f"exactgn {command}: {hint}", file=sys.stderr)
+        _say(f"exactgn {command}: {hint}", sys.stderr)
     return 130
 
 
@@ -182,7 +201,7 @@ def _run_train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as exc:
         return _interrupted("train", exc)
     meta = read_meta(run_dir)
-    print(
+    _say(
         f"{meta['status']}: {run_dir} ({meta['epochs_done']} epochs, {meta['global_step']} steps, "
         f"{meta['wall_time_s']:.1f} s)"
     )
@@ -297,12 +316,30 @@ def _add_diagnose(sub: Sub) -> None:
     p.set_defaults(func=_run_diagnose)
 
 
+def _check_diagnosable(run_dir: Path, every: int) -> None:
+    """Refuse a run whose checkpoints would give only the initial record (alignment 1, change 0)."""
+    from .lab.rundir import epoch_checkpoints, is_run
+
+    if not is_run(run_dir, ("config.toml",)):
+        return  # diagnose_run names what is missing
+    epochs = [e for e in epoch_checkpoints(run_dir) if every > 0 and e % every == 0]
+    if len(epochs) < 2 or epochs[0] != 0:
+        kept = ", ".join(f"epoch_{e:04d}.pt" for e in epochs) or "none"
+        raise ValueError(
+            f"{run_dir} keeps no epoch checkpoints after the initial one (kept: {kept}), so there is nothing "
+            "to compare with the initial model; diagnose needs train.keep_checkpoints = true. Train again "
+            "with --set train.keep_checkpoints=true, or record the diagnostics during training with "
+            "--set diagnostics.enabled=true"
+        )
+
+
 def _run_diagnose(args: argparse.Namespace) -> int:
     import torch
 
     from .lab.diagnostics import diagnose_run, read_probe
     from .lab.rundir import diagnostics_path
 
+    _check_diagnosable(Path(args.run_dir), args.every)
     start = time.perf_counter()
     probe = read_probe(args.probe) if args.probe else None
     records = diagnose_run(
@@ -408,16 +445,17 @@ def _add_sweep(sub: Sub) -> None:
     p.add_argument(
         "sweep", metavar="SWEEP.toml", help="the sweep file (see the module docstring or the README)"
     )
-    p.add_argument("--out", metavar="DIR", help="sweep folder (default sweeps/<name>)")
+    p.add_argument("--out", metavar="DIR", help="sweep folder (default runs/sweeps/<name>)")
     p.add_argument("--backend", choices=BACKENDS, help="override the file's backend")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--verbose", action="store_true", help="Ray Tune's status tables and the trials' output")
     p.set_defaults(func=_run_sweep)
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
     from .lab.sweep import run_sweep
 
-    out = run_sweep(args.sweep, args.out, backend=args.backend, progress=not args.quiet)
+    out = run_sweep(args.sweep, args.out, backend=args.backend, progress=not args.quiet, verbose=args.verbose)
     print((out / "results.csv").read_text(), end="")
     print(f"sweep folder: {out}")
     return 0
@@ -667,10 +705,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # the reader of stdout or stderr is gone: nothing more to say
+        _silence(sys.stdout)
+        _silence(sys.stderr)
+        return 1
     except (ValueError, OSError, ExactGNError) as exc:
         if os.environ.get("EXACTGN_DEBUG"):
             raise
-        print(f"exactgn {args.command}: error: {exc}", file=sys.stderr)
+        _say(f"exactgn {args.command}: error: {exc}", sys.stderr)
         return 2
 
 

@@ -35,7 +35,7 @@ BAD = {
     "[optim]\nname = 'lbfgs'\n": r"optim\.name: must be one of 'gn', 'adam', 'sgd', 'adamw'; got 'lbfgs'",
     "[data]\ndataset = 'imagenet'\n": r"data\.dataset: must be one of 'mnist', 'cifar10', 'mnist-small'",
     "[train]\nepochs = -1\n": r"train\.epochs: must be >= 0, got -1",
-    "[optim]\nlr = -0.1\n": r"optim\.lr: must be >= 0, got -0\.1",
+    "[optim]\nlr = -0.1\n": r"optim\.lr: must be > 0, got -0\.1",
     "[optim]\nlr = nan\n": r"optim\.lr: must be finite",
     "[model]\nhidden = 0\n": r"model\.hidden: must be >= 1",
     "[optim.adam]\nbetas = [0.9]\n": r"optim\.adam\.betas: expected two numbers in \[0, 1\)",

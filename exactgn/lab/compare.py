@@ -12,13 +12,12 @@ import csv
 import datetime as _dt
 import io
 import math
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from .config import EXPERIMENTS_DIR, OPTIMISERS, ConfigError, list_settings, load_config
-from .rundir import atomic_write_text, log_path, meta_path, read_meta, read_rows
+from .rundir import atomic_write_text, log_path, meta_path, read_meta, read_rows, remove_run
 from .train import train
 
 __all__ = [
@@ -202,7 +201,7 @@ def _run_one(cfg: Any, run_dir: Path, resume: bool, progress: bool, epoch_lines:
         train(None, resume=run_dir, progress=progress, epoch_lines=epoch_lines)
         return
     if resume and run_dir.exists():
-        shutil.rmtree(run_dir)  # a run that never wrote meta.json has nothing worth keeping
+        remove_run(run_dir)  # a run that never wrote meta.json has nothing worth keeping
     train(cfg, run_dir, progress=progress, epoch_lines=epoch_lines)
 
 

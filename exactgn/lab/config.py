@@ -240,7 +240,7 @@ class OptimConfig(Table):
     """``[optim]``: which optimiser and its learning rate; the per-optimiser tables hold the rest."""
 
     name: Literal[OPTIMISERS] = "gn"  # type: ignore[valid-type]
-    lr: float = Field(0.1, ge=0, allow_inf_nan=False)
+    lr: float = Field(0.1, gt=0, allow_inf_nan=False)  # lr = 0 would train nothing
     weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
     gn: GNConfig = GNConfig()
     adam: AdamConfig = AdamConfig()
@@ -280,7 +280,7 @@ class RunConfig(Table):
 
     name: str = "run"
     description: str = ""
-    seed: int = 0  # model initialisation and data order
+    seed: int = Field(0, ge=0, le=2**62)  # model initialisation and data order (torch seeds are 64-bit)
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
@@ -400,10 +400,14 @@ def loads_config(
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from exc
-    apply_overrides(data, list(overrides) if not isinstance(overrides, dict) else overrides)
+    overrides = list(overrides) if not isinstance(overrides, dict) else overrides
+    apply_overrides(data, overrides)
     try:
         return from_dict(data)
     except ConfigError as exc:
+        keys = overrides if isinstance(overrides, dict) else [parse_override(o)[0] for o in overrides]
+        if any(str(exc).startswith(f"{key}:") for key in keys):  # the override's fault, not the file's
+            raise ConfigError(f"--set {exc} (the value given with --set, not in {source})") from exc
         raise ConfigError(f"{source}: {exc}") from exc
 
 
@@ -414,6 +418,8 @@ def load_config(path: str | Path, overrides: list[str] | dict[str, Any] = ()) ->
         text = resolved.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{resolved}: cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{resolved}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
     return loads_config(text, overrides, source=str(resolved))
 
 
@@ -467,6 +473,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
 

@@ -9,7 +9,9 @@ the row being written; readers skip a torn last line. ``meta.json`` is replaced 
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -17,8 +19,10 @@ import math
 import os
 import platform
 import re
+import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -56,6 +60,15 @@ __all__ = [
     "read_rows",
     "read_jsonl",
     "truncate_logs",
+    "LOCK_FILE",
+    "RunInUse",
+    "RunLock",
+    "create_run_dir",
+    "clean_temporaries",
+    "lock_holder",
+    "run_status",
+    "remove_run",
+    "test_kill_point",
 ]
 
 STEP_FIELDS = (
@@ -92,6 +105,7 @@ STEPS_CSV = "steps.csv"
 EPOCHS_CSV = "epochs.csv"
 DIAGNOSTICS_FILE = "diagnostics.jsonl"
 CHECKPOINTS = "checkpoints"
+LOCK_FILE = ".lock"
 _LAST = "last.pt"
 _EPOCH_RE = re.compile(r"epoch_(\d+)\.pt")
 
@@ -236,6 +250,25 @@ def provenance(device: Any = "cpu") -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- atomic files
+_KILL_COUNTS: dict[str, int] = {}
+
+
+def test_kill_point(point: str, name: str) -> None:
+    """Test hook: SIGKILL this process at ``point`` (``before-rename`` or ``after-write``) of the ``n``-th
+    write of file ``name`` when ``EXACTGN_TEST_KILL_AT`` is ``point:name[:n]``, so that tests can kill a real
+    run between two writes."""
+    wanted = os.environ.get("EXACTGN_TEST_KILL_AT")
+    if not wanted:
+        return
+    key = f"{point}:{name}"
+    _KILL_COUNTS[key] = _KILL_COUNTS.get(key, 0) + 1
+    target, _, nth = wanted.rpartition(":") if wanted.count(":") == 2 else (wanted, "", "1")
+    if target == key and str(_KILL_COUNTS[key]) == nth:
+        import signal  # noqa: PLC0415
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
     path = Path(path)
@@ -245,10 +278,179 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        test_kill_point("before-rename", path.name)
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise OSError(exc.errno, f"no space left on the device while writing {path}") from exc
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
+    test_kill_point("after-write", path.name)
+
+
+_TMP_RE = re.compile(r"\..+\.tmp-(\d+)")
+
+
+def clean_temporaries(run_dir: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries (``.NAME.tmp-PID``) that a killed writer left in a run folder and its
+    ``checkpoints/``; returns what was removed. Call it only while holding the run's lock."""
+    removed = []
+    for folder in (Path(run_dir), checkpoint_dir(run_dir)):
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if _TMP_RE.fullmatch(path.name) and path.is_file():
+                    path.unlink()
+                    removed.append(path)
+    return removed
+
+
+# ---------------------------------------------------------------------------- the run lock
+class RunInUse(FileExistsError):
+    """Another live process holds the run folder's lock."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by someone else
+    return True
+
+
+def lock_holder(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The record in ``RUN/.lock`` (``pid``, ``hostname``, ``start_time``, ``command``) plus ``alive``
+    (``True``, ``False``, or ``None`` when it was taken on another host); ``None`` when there is no lock."""
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        record = {}
+    if not isinstance(record, dict):
+        record = {}
+    pid = record.get("pid")
+    if record.get("hostname") != socket.gethostname():
+        record["alive"] = None if isinstance(pid, int) else False
+    else:
+        record["alive"] = isinstance(pid, int) and _pid_alive(pid)
+    return record
+
+
+def _describe(holder: dict[str, Any]) -> str:
+    return (
+        f"process {holder.get('pid')} on {holder.get('hostname')} "
+        f"(started {holder.get('start_time')}: {holder.get('command')})"
+    )
+
+
+class RunLock:
+    """An exclusive lock on a run folder, held for the life of a run: ``RUN/.lock``, created with
+    ``O_EXCL``, holds the owner's PID. A lock whose process is gone (same host) is stale: it is reported
+    on stderr and replaced. Use as a context manager or call :meth:`acquire` / :meth:`release`."""
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self.held = False
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        record = {
+            "pid": os.getpid(),
+            "hostname": socket.gethostname(),
+            "start_time": utc_now(),
+            "command": " ".join(sys.argv)[:300],
+        }
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        return True
+
+    def acquire(self) -> "RunLock":
+        """Take the lock, or raise :class:`RunInUse` naming the process that holds it."""
+        for _ in range(3):
+            if self._create():
+                self.held = True
+                return self
+            holder = lock_holder(self.path.parent)
+            if holder is None:
+                continue  # released meanwhile
+            if holder["alive"] is not False:
+                raise RunInUse(
+                    f"{self.path.parent} is in use by {_describe(holder)}; wait for it to end or stop it"
+                    + (
+                        ""
+                        if holder["alive"]
+                        else f" (it runs on another host: if it is gone, delete {self.path})"
+                    )
+                )
+            print(
+                f"exactgn: {self.path.parent}: removing a stale lock of {_describe(holder)}, "
+                "which is no longer running",
+                file=sys.stderr,
+                flush=True,
+            )
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        raise RunInUse(f"{self.path.parent}: could not take the lock {self.path}; try again")
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def run_status(run_dir: str | os.PathLike, meta: dict[str, Any]) -> str:
+    """``meta.json``'s status, except that a ``running`` run whose process is gone (no live lock) reads
+    ``running (process gone)``: it was killed, and ``exactgn train --resume`` continues it."""
+    status = str(meta.get("status") or "unknown")
+    if status == "running":
+        holder = lock_holder(run_dir)
+        if holder is None or holder["alive"] is False:
+            return "running (process gone)"
+    return status
+
+
+def remove_run(run_dir: str | os.PathLike) -> None:
+    """Delete a run folder that holds nothing worth keeping (a study or sweep restarting it), but never one
+    that a live process is training into (:class:`RunInUse`)."""
+    with RunLock(run_dir):
+        for path in Path(run_dir).iterdir():
+            if path.name != LOCK_FILE:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    Path(run_dir).rmdir()
+
+
+def create_run_dir(run_dir: str | os.PathLike) -> RunLock:
+    """Create a new run folder exclusively and lock it: its parents are made, the folder itself must be new
+    or empty (a stale lock aside). Raises :class:`FileExistsError` (with the way on) when it holds anything,
+    :class:`RunInUse` when a live run holds it."""
+    run_dir = Path(run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(run_dir)
+    except FileExistsError:
+        if not run_dir.is_dir():
+            raise FileExistsError(f"{run_dir} exists and is not a folder; choose another --out") from None
+    lock = RunLock(run_dir).acquire()
+    if any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+        lock.release()
+        hint = " (it holds a run: continue it with --resume)" if meta_path(run_dir).exists() else ""
+        raise FileExistsError(f"{run_dir} already exists and is not empty{hint}; choose another --out")
+    return lock
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

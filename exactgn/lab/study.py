@@ -46,7 +46,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +77,7 @@ from .rundir import (
     last_checkpoint,
     meta_path,
     read_meta,
+    remove_run,
     run_state,
 )
 from .schema import validate_table
@@ -426,7 +426,7 @@ def _run_list(spec: StudySpec, out: Path, progress: bool) -> list[dict[str, Any]
                     f"(or delete {run_dir} to rerun that run)"
                 )
         if state == "restart":  # a folder without checkpoint or config: nothing worth keeping
-            shutil.rmtree(run_dir)
+            remove_run(run_dir)
             state = "new"
         source = f" from {run.init_from}" + (f" epoch {run.init_epoch}" if run.init_epoch is not None else "")
         if state == "finished":

@@ -43,12 +43,13 @@ import itertools
 import json
 import math
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig, find_config, load_config, read_toml, toml_value
-from .rundir import atomic_write_text, run_state
+from .rundir import atomic_write_text, remove_run, run_state
 from .schema import validate_table
 from .specs import BACKENDS, SweepFile
 
@@ -175,7 +176,6 @@ def describe_overrides(overrides: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------- running
 def run_trial(spec_path: str, out: str, index: int, overrides: dict[str, Any]) -> dict[str, Any]:
     """Run (or resume, or skip if finished) one trial; returns its summary. Called in Ray workers too."""
-    import shutil
 
     import torch
 
@@ -188,7 +188,7 @@ def run_trial(spec_path: str, out: str, index: int, overrides: dict[str, Any]) -
     state = run_state(run_dir)  # "stopped" (diverged) and "finished" trials are kept as they are
     torch.set_num_threads(spec.cpus_per_trial)
     if state == "restart":  # a folder without a checkpoint: nothing to keep
-        shutil.rmtree(run_dir)
+        remove_run(run_dir)
         state = "new"
     if state == "new":
         train(_trial_config(spec, trial), run_dir, progress=False)
@@ -223,8 +223,34 @@ def _run_sequential(spec_path: Path, out: Path, trials: list[Trial], progress: b
     return results
 
 
+def _trial_bar(tune: Any, total: int, progress: bool) -> tuple[Any, list[Any]]:
+    """A progress bar over finished trials, fed by a Ray Tune callback: ``(bar, callbacks)``."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="sweep", unit="trial", disable=not progress, file=sys.stderr)
+
+    class _Progress(tune.Callback):
+        def __init__(self, bar: Any) -> None:
+            self.bar = bar
+
+        def __getstate__(self) -> dict[str, Any]:  # Tune saves its run config; the bar stays here
+            return {}
+
+        def _done(self) -> None:
+            if getattr(self, "bar", None) is not None:
+                self.bar.update(1)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._done()
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._done()
+
+    return bar, [_Progress(bar)]
+
+
 def _run_ray(
-    spec: SweepSpec, spec_path: Path, out: Path, trials: list[Trial], progress: bool
+    spec: SweepSpec, spec_path: Path, out: Path, trials: list[Trial], progress: bool, verbose: bool = False
 ) -> list[dict[str, Any]]:
     import signal
 
@@ -234,14 +260,13 @@ def _run_ray(
     sigint = signal.getsignal(signal.SIGINT)  # Ray installs its own handler; give Ctrl-C back afterwards
     started = False
     if not ray.is_initialized():
-        kwargs: dict[str, Any] = dict(
-            include_dashboard=False, log_to_driver=progress, configure_logging=False
-        )
+        kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=verbose, configure_logging=False)
         if spec.ray_address:
             ray.init(address=spec.ray_address, **kwargs)
         else:
             ray.init(**kwargs)
         started = True
+    bar, callbacks = _trial_bar(tune, len(trials), progress and not verbose)
     try:
         overrides = {t.index: t.overrides for t in trials}
 
@@ -256,7 +281,10 @@ def _run_ray(
             tune.with_resources(exactgn_trial, {"cpu": spec.cpus_per_trial, "gpu": _gpus(spec)}),
             param_space={"trial": tune.grid_search([t.index for t in trials])},
             run_config=tune.RunConfig(
-                name="tune", storage_path=str((out / "ray").resolve()), verbose=1 if progress else 0
+                name="tune",
+                storage_path=str((out / "ray").resolve()),
+                verbose=1 if verbose else 0,  # Ray's status tables only when asked for
+                callbacks=callbacks,
             ),
         )
         grid = tuner.fit()
@@ -264,6 +292,7 @@ def _run_ray(
         if errors:
             raise RuntimeError(f"{len(errors)} Ray trial(s) failed; first error: {errors[0]}")
     finally:
+        bar.close()
         if started:
             ray.shutdown()
         signal.signal(signal.SIGINT, sigint)
@@ -291,10 +320,34 @@ RESULT_FIELDS = (
 )
 
 
+def _say_threads(spec: SweepSpec, backend: str, trials: int, progress: bool) -> None:
+    if not progress:
+        return
+    from .train import available_cores
+
+    cores, each = available_cores(), spec.cpus_per_trial
+    side = "one at a time"
+    if backend == "ray":
+        side = f"up to {max(cores // each, 1)} at a time on {cores} cores"
+    print(
+        f"sweep {spec.name}: {trials} trials ({backend}), {side}; each trial uses {each} torch thread(s) "
+        "(resources.cpus_per_trial)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def run_sweep(
-    spec_path: str | Path, out: str | Path | None = None, *, backend: str | None = None, progress: bool = True
+    spec_path: str | Path,
+    out: str | Path | None = None,
+    *,
+    backend: str | None = None,
+    progress: bool = True,
+    verbose: bool = False,
 ) -> Path:
-    """Run every trial of the sweep file into ``out`` (default ``sweeps/<name>``); returns that folder."""
+    """Run every trial of the sweep file into ``out`` (default ``runs/sweeps/<name>``); returns that folder.
+    ``progress``: a progress bar over trials (stderr); ``verbose``: Ray Tune's own status tables and the
+    trials' output instead."""
     spec_path = Path(spec_path).resolve()
     spec = load_sweep(spec_path)
     backend = backend or spec.backend
@@ -306,7 +359,7 @@ def run_sweep(
         raise ImportError(
             "backend 'ray' needs Ray Tune: pip install 'exactgn[ray]' (or use backend = \"sequential\")"
         )
-    out = Path(out or Path("sweeps") / spec.name).resolve()
+    out = Path(out or Path("runs") / "sweeps" / spec.name).resolve()
     out.mkdir(parents=True, exist_ok=True)
     trials = make_trials(spec)
     listing = {
@@ -324,8 +377,9 @@ def run_sweep(
                 f"{out} holds a different sweep (its sweep.json lists other trials); choose another --out"
             )
     atomic_write_text(previous, json.dumps(listing, indent=2) + "\n")
+    _say_threads(spec, backend, len(trials), progress)
     if backend == "ray":
-        results = _run_ray(spec, spec_path, out, trials, progress)
+        results = _run_ray(spec, spec_path, out, trials, progress, verbose)
     else:
         results = _run_sequential(spec_path, out, trials, progress)
     buf = io.StringIO()

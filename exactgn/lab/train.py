@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -65,12 +67,16 @@ from .config import (
 from .data import DataSplit, load_dataset, random_resized_crop
 from .diagnostics import make_callback
 from .rundir import (
+    DIAGNOSTICS_FILE,
+    RunLock,
     RunLog,
     checkpoint_dir,
+    clean_temporaries,
     config_path,
+    create_run_dir,
     epoch_checkpoint,
     last_checkpoint,
-    meta_path,
+    log_path,
     provenance,
     read_meta,
     truncate_logs,
@@ -158,14 +164,19 @@ def evaluate(
 
 
 def new_run_dir(cfg: RunConfig, base: str | os.PathLike = "runs") -> Path:
-    """``runs/<name>-<optimiser>-<YYYYmmdd-HHMMSS>`` (with ``-2``, ``-3``… when taken)."""
+    """``runs/<name>-<optimiser>-<YYYYmmdd-HHMMSS>`` (with ``-2``, ``-3``… when taken), created here with an
+    exclusive ``mkdir``, so that two runs started in the same second never share a folder."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     stem = Path(base) / f"{cfg.name}-{cfg.optim.name}-{stamp}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
     path, n = stem, 1
-    while path.exists():
-        n += 1
-        path = stem.with_name(f"{stem.name}-{n}")
-    return path
+    while True:
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            n += 1
+            path = stem.with_name(f"{stem.name}-{n}")
 
 
 def _sync(device: torch.device) -> None:
@@ -173,37 +184,77 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-# ---------------------------------------------------------------------------- Ctrl-C
+# ---------------------------------------------------------------------------- output and signals
+class _SafeStream:
+    """A text stream whose writes never raise: once its reader is gone (a closed pipe, ``| head``,
+    Ctrl-C through ``| tee``), output is dropped, and the run goes on."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                self.stream.write(text)
+            except (OSError, ValueError):  # BrokenPipeError, EPIPE, or a closed file
+                self.broken = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError):
+                self.broken = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+_STDERR: dict[int, _SafeStream] = {}
+
+
+def _stderr() -> _SafeStream:
+    """``sys.stderr`` (as it is now) wrapped in a :class:`_SafeStream`."""
+    key = id(sys.stderr)
+    if key not in _STDERR:
+        _STDERR.clear()
+        _STDERR[key] = _SafeStream(sys.stderr)
+    return _STDERR[key]
+
+
+_SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+_DEFAULT_HANDLERS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+
+
 class _InterruptGuard:
-    """Defers Ctrl-C while a step is in flight so that a checkpoint never holds a half-applied step."""
+    """Defers Ctrl-C and SIGTERM (a scheduler's or ``timeout``'s stop) while a step is in flight, so that a
+    checkpoint never holds a half-applied step; both then stop the run as Ctrl-C does."""
 
     def __init__(self) -> None:
         self.pending = False
         self.critical = False
         self.torn = False  # a KeyboardInterrupt escaped from inside a step
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
-        if (
-            threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        ):
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum, default in _DEFAULT_HANDLERS.items():
+            if signal.getsignal(signum) is default:
+                self._previous[signum] = signal.signal(signum, self._handler)
 
     def uninstall(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.critical and not self.pending:
             self.pending = True
-            print(
-                "\nCtrl-C: finishing this step, then saving a checkpoint "
-                "(Ctrl-C again aborts without saving)",
-                file=sys.stderr,
-                flush=True,
-            )
+            name = _SIGNAL_NAMES.get(signum, f"signal {signum}")
+            _write(f"\n{name}: finishing this step, then saving a checkpoint ({name} again aborts, unsaved)")
             return
         raise KeyboardInterrupt
 
@@ -269,6 +320,7 @@ class _Run:
     wall_offset: float = 0.0
     segment_start: float = field(default_factory=time.perf_counter)
     bar: Any = None
+    resumed: bool = False
 
     # -------------------------------------------------------------- sizes
     @property
@@ -303,9 +355,11 @@ class _Run:
             "wall_time_s": self.wall(),
             "config": to_dict(self.cfg),
         }
-        save_checkpoint(last_checkpoint(self.run_dir), payload)
+        # The epoch's weights first, the record of progress (last.pt) last: a kill between the two leaves
+        # last.pt at the previous position, so a resume redoes the epoch and writes both.
         if weights_epoch is not None:
             save_weights(epoch_checkpoint(self.run_dir, weights_epoch), self.model, weights_epoch)
+        save_checkpoint(last_checkpoint(self.run_dir), payload)
 
     def restore(self, payload: dict[str, Any]) -> None:
         self.model.load_state_dict(payload["model"])
@@ -491,7 +545,7 @@ class _Run:
 def _write(text: str) -> None:
     from tqdm import tqdm
 
-    tqdm.write(text, file=sys.stderr)
+    tqdm.write(text, file=_stderr())
 
 
 def _config_callbacks(cfg: RunConfig, data: DataSplit, run_dir: Path) -> list[Any]:
@@ -510,12 +564,21 @@ def _config_callbacks(cfg: RunConfig, data: DataSplit, run_dir: Path) -> list[An
     return [callback]
 
 
-def _prepare_new(cfg: RunConfig, out_dir: str | os.PathLike | None) -> Path:
+def _prepare_new(cfg: RunConfig, out_dir: str | os.PathLike | None) -> tuple[Path, RunLock]:
+    """Create the run folder exclusively and lock it, before the (slow) data load."""
     run_dir = new_run_dir(cfg) if out_dir is None else Path(out_dir)
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        hint = " (it holds a run: continue it with --resume)" if meta_path(run_dir).exists() else ""
-        raise FileExistsError(f"{run_dir} already exists and is not empty{hint}; choose another --out")
-    return run_dir
+    return run_dir, create_run_dir(run_dir)
+
+
+def _clear_run(run_dir: Path) -> None:
+    """Remove the logs and checkpoints of a run that stopped before its first checkpoint (it restarts)."""
+    for name in ("steps", "epochs"):
+        for suffix in ("csv", "jsonl"):
+            log_path(run_dir, name, suffix).unlink(missing_ok=True)
+    (run_dir / DIAGNOSTICS_FILE).unlink(missing_ok=True)
+    for folder in (run_dir / "tensorboard", checkpoint_dir(run_dir)):
+        if folder.is_dir():
+            shutil.rmtree(folder)
 
 
 def _resume_config(
@@ -544,24 +607,44 @@ class _Start:
     run_dir: Path
     meta: dict[str, Any]
     payload: dict[str, Any] | None
+    lock: RunLock
+    restarted: bool = False
+
+
+def _start_resume(run_dir: Path, overrides: Any) -> _Start:
+    """Lock the folder, clean what a killed writer left, and load the checkpoint; a run stopped before its
+    first checkpoint restarts from the beginning."""
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run folder")
+    lock = RunLock(run_dir).acquire()
+    try:
+        cfg, meta = _resume_config(run_dir, overrides)
+        clean_temporaries(run_dir)
+        if not last_checkpoint(run_dir).is_file():
+            _write(f"{run_dir} stopped before its first checkpoint: restarting it from the beginning")
+            _clear_run(run_dir)
+            return _Start(cfg, run_dir, {}, None, lock, restarted=True)
+        payload = load_checkpoint(last_checkpoint(run_dir))
+        _check_resumable(cfg, meta, payload, run_dir)
+    except BaseException:
+        lock.release()
+        raise
+    return _Start(cfg, run_dir, meta, payload, lock)
 
 
 def _start(cfg: RunConfig | None, out_dir: Any, resume: Any, overrides: Any) -> _Start:
     if resume is not None:
         if cfg is not None or out_dir is not None:
             raise ValueError("train(): pass either a config (and out_dir) or resume=RUN_DIR, not both")
-        run_dir = Path(resume)
-        cfg, meta = _resume_config(run_dir, overrides)
-        payload = load_checkpoint(last_checkpoint(run_dir))
-        _check_resumable(cfg, meta, payload, run_dir)
-        return _Start(cfg, run_dir, meta, payload)
+        return _start_resume(Path(resume), overrides)
     if cfg is None:
         raise ValueError("train(): a config is needed unless resume=RUN_DIR is given")
     if overrides:
         cfg = with_overrides(cfg, overrides)
     if cfg.model.init_from:  # record the absolute checkpoint path, so that config.toml reruns from anywhere
         cfg = replace_key(cfg, "model.init_from", str(resolve_init_from(cfg.model.init_from)))
-    return _Start(cfg, _prepare_new(cfg, out_dir), {}, None)
+    run_dir, lock = _prepare_new(cfg, out_dir)
+    return _Start(cfg, run_dir, {}, None, lock)
 
 
 def _load_data(cfg: RunConfig, device: torch.device) -> DataSplit:
@@ -618,6 +701,8 @@ def _open_logs(start: _Start, device: torch.device, data: DataSplit, batch: int)
     write_config(cfg, config_path(run_dir), header)  # on resume: train.epochs etc. may have changed
     if start.payload is None:
         meta.update(_new_meta(cfg, device, data, batch))
+        if start.restarted:
+            meta["resumed"] = [{"time": utc_now(), "from_global_step": 0}]
         return RunLog(run_dir)
     step = start.payload["global_step"]
     truncate_logs(run_dir, step, start.payload["epoch"])
@@ -633,17 +718,101 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+def _set_threads(cfg: RunConfig, meta: dict[str, Any], resuming: bool) -> None:
+    """``train.threads``, bounded by the machine; on resume, a warning when the count differs from the run's
+    (the float sums are then split differently, so the weights are no longer bit-identical)."""
+    threads = cfg.train.threads
+    cores = available_cores()
+    if threads > cores:
+        raise ConfigError(
+            f"train.threads = {threads} exceeds the {cores} cores available to this process; use at most "
+            f"{cores}, or 0 for torch's default"
+        )
+    if threads:
+        torch.set_num_threads(threads)
+    before, now = meta.get("threads"), torch.get_num_threads()
+    if resuming and isinstance(before, int) and before != now:
+        _write(
+            f"warning: this run used {before} torch threads and resumes with {now} (train.threads); its "
+            "weights will not be bit-identical to an uninterrupted run's (resume with "
+            f"--set train.threads={before} to keep that)"
+        )
+    meta["threads"] = now
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, else ``os.cpu_count()``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+_OPTIMISER_STATES = {"gn": 1, "adam": 2, "adamw": 2, "sgd": 1}  # tensors of θ's size each keeps
+
+
+def estimate_memory(cfg: RunConfig, features: int, classes: int, batch: int) -> dict[str, int]:
+    """Bytes a run needs beyond its data, by part: ``parameters`` (with the fixed bottlenecks and readout),
+    ``gradients``, ``optimiser`` state, ``activations`` (the per-half-layer records of one batch) and, for GN,
+    ``grams`` (the ``(Bk)²`` NTK Gram of ``pinv``, or a ``B × B`` Gram per half-layer for ``right``)."""
+    m, size = cfg.model, dtype_from_name(cfg.model.dtype).itemsize
+    half = features // 2
+    width = m.hidden if m.bottleneck else half
+    trainable = 2 * m.blocks * (half * width + (half if m.bias else 0))
+    fixed = 2 * m.blocks * half * m.hidden * int(m.bottleneck) + features * classes
+    parts = {
+        "parameters": (trainable + fixed) * size,
+        "gradients": trainable * size,
+        "optimiser": _OPTIMISER_STATES.get(cfg.optim.name, 2) * trainable * size,
+        "activations": 2 * m.blocks * batch * (width + half) * size,
+        "grams": 0,
+    }
+    if cfg.optim.name == "gn":
+        rows = batch * classes if cfg.optim.gn.inverse == "pinv" else batch
+        parts["grams"] = rows * rows * 8  # the solves may run in float64
+    return parts
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on ``device`` (the GPU's free memory, or the host's ``MemAvailable``); ``None``: unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_memory(cfg: RunConfig, data: DataSplit, batch: int, device: torch.device) -> None:
+    """Refuse, with the numbers, a model that cannot fit, before anything of its size is allocated."""
+    parts = estimate_memory(cfg, data.features, data.num_classes, batch)
+    need, free = sum(parts.values()), available_memory(device)
+    if free is None or need <= free:
+        return
+    gib = 2.0**30
+    detail = ", ".join(f"{k} {v / gib:.3g}" for k, v in parts.items() if v)
+    raise ConfigError(
+        f"this run needs about {need / gib:.3g} GiB ({detail} GiB) but {free / gib:.3g} GiB are free on "
+        f"{device}; make model.hidden ({cfg.model.hidden}), model.blocks ({cfg.model.blocks}) or "
+        f"train.batch_size ({batch}) smaller"
+    )
+
+
 def _build_run(start: _Start, callbacks: Sequence[EpochCallback], progress: bool) -> _Run:
     cfg, payload = start.cfg, start.payload
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    _set_threads(cfg, start.meta, payload is not None)
     device = resolve_device(cfg.train.device)
     data = _load_data(cfg, device)
+    batch = len(data.train) if cfg.train.batch_size == 0 else min(cfg.train.batch_size, len(data.train))
+    _check_memory(cfg, data, batch, device)
     model = build_model(cfg, data.features, data.num_classes)
     if cfg.model.init_from and payload is None:
         start.meta["init_from"] = load_init_weights(model, cfg.model.init_from)
     model = model.to(device)
-    batch = len(data.train) if cfg.train.batch_size == 0 else min(cfg.train.batch_size, len(data.train))
     check_gn_batch(cfg, model, batch)
     stepper = build_stepper(cfg, model)
     all_callbacks = list(callbacks) + _config_callbacks(cfg, data, start.run_dir)
@@ -656,6 +825,7 @@ def _build_run(start: _Start, callbacks: Sequence[EpochCallback], progress: bool
     )
     if payload is not None:
         run.restore(payload)
+        run.resumed = True
     start.meta["steps_per_epoch"] = run.steps_per_epoch
     run.update_meta()
     return run
@@ -672,10 +842,13 @@ def _loop(run: _Run, guard: _InterruptGuard, progress: bool, epoch_lines: bool) 
         disable=not progress,
         unit="step",
         dynamic_ncols=True,
-        file=sys.stderr,
+        file=_stderr(),
         desc=f"{cfg.name}/{cfg.optim.name}",
         leave=epoch_lines,
     )
+    if run.resumed and progress:
+        epoch = run.pos.epoch if run.pos.epoch is not None else run.pos.epochs_done + 1
+        _write(f"resuming at epoch {min(epoch, cfg.train.epochs)}, step {run.pos.global_step} of {total}")
     try:
         if run.pos.epochs_done < 0:
             run.end_epoch(0)
@@ -697,7 +870,7 @@ def _stop_diverged(run: _Run, exc: Diverged) -> None:
         "truncation/damping for GN."
     )
     run.update_meta(status="diverged", end_time=utc_now(), message=msg)
-    print(f"exactgn: {msg}", file=sys.stderr, flush=True)
+    _write(f"exactgn: {msg}")
 
 
 def _stop_interrupted(run: _Run, guard: _InterruptGuard) -> TrainingInterrupted:
@@ -735,7 +908,13 @@ def train(
     :class:`TrainingInterrupted`.
     """
     start = _start(cfg, out_dir, resume, overrides)
-    run = _build_run(start, callbacks, progress and epoch_lines)
+    try:
+        run = _build_run(start, callbacks, progress and epoch_lines)
+    except BaseException:
+        start.lock.release()
+        with contextlib.suppress(OSError):
+            start.run_dir.rmdir()  # a new folder that nothing was written to
+        raise
     start.payload = None  # the restored run holds what it needs; free the checkpoint's tensors
     guard = _InterruptGuard()
     guard.install()
@@ -747,11 +926,19 @@ def train(
     except KeyboardInterrupt:
         raise _stop_interrupted(run, guard) from None
     except BaseException as exc:
-        run.update_meta(status="failed", end_time=utc_now(), message=f"{type(exc).__name__}: {exc}")
+        with contextlib.suppress(OSError):  # meta.json itself may not fit on a full disk
+            run.update_meta(status="failed", end_time=utc_now(), message=f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise OSError(
+                exc.errno,
+                f"{exc.strerror}; the last complete checkpoint is kept: free some space, then resume with: "
+                f"exactgn train --resume {run.run_dir}",
+            ) from exc
         raise
     finally:
         guard.uninstall()
         run.log.close()
+        start.lock.release()
     return run.run_dir
 
 

@@ -49,13 +49,17 @@ def _draw(
     style: str = "-",
     label_suffix: str = "",
     colours: dict[str, Any],
+    scale: float = 1.0,
 ) -> bool:
     drawn = False
     for s in series:
         curve = aggregate_seeds([rows_of(r) for r in s.runs], key, band)
         if curve is None:
             continue
-        xs, mean, lo, hi = curve
+        xs, mean, lo, hi = ([v * scale for v in part] if i else part for i, part in enumerate(curve))
+        if len(xs) == 1:  # one point: its own tick, not an axis of made-up fractional epochs
+            ax.set_xticks(xs)
+            ax.set_xlim(xs[0] - 1, xs[0] + 1)
         if log and (min(lo + mean) <= 0 or max(hi + mean) / min(lo + mean) < 20):
             log = False  # log scale only for positive values spanning more than a factor of 20
         colour = colours[s.label]
@@ -71,11 +75,12 @@ def _draw(
 
 
 def _finish(ax, title: str, ylabel: str, drawn: bool) -> None:
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FixedLocator, MaxNLocator
 
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if not isinstance(ax.xaxis.get_major_locator(), FixedLocator):  # a one-point series keeps its tick
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     if not drawn:
@@ -134,6 +139,8 @@ class _Panel:
         return _draw(ax, series, rows, key, self.band, colours=self.colours, **kw)
 
     def save(self, fig: Any, stem: str, title: str, caption: str) -> Figure:
+        if any(len(s.runs) > 1 for s in self.panel.series):  # the band's type on the figure itself
+            fig.text(0.995, 0.005, self.band_text, ha="right", va="bottom", fontsize=7, color="grey")
         name = f"{stem}-{self.panel.slug}.png"
         return Figure(f"{title} — {self.panel.title}", name, _save(fig, self.out / name), caption)
 
@@ -163,7 +170,9 @@ def _curves(ctx: _Panel) -> Figure:
             ("test_accuracy", "test accuracy", False),
         ],
     ):
-        _finish(ax, title, key.replace("_", " "), ctx.draw(ax, ctx.panel.series, _epochs, key, log=log))
+        percent = key.endswith("accuracy")  # in percent, as in the CLI tables
+        drawn = ctx.draw(ax, ctx.panel.series, _epochs, key, log=log, scale=100.0 if percent else 1.0)
+        _finish(ax, title, key.replace("_", " ") + (" (%)" if percent else ""), drawn)
     fig.suptitle(ctx.panel.title, fontsize=11)
     return ctx.save(
         fig, "curves", "Loss and accuracy", f"Per epoch (epoch 0 = before training); {ctx.band_text}."

@@ -11,7 +11,7 @@ import statistics
 from typing import Any, Iterable, Sequence
 
 from ..evidence import matched_loss_table
-from ..rundir import meta_value, provenance, utc_now
+from ..rundir import meta_value, provenance, run_status, utc_now
 from .figures import CrossCKA, Figure, format_number
 from .runs import Panel, Run, best_value, final_value
 
@@ -67,7 +67,9 @@ def _summary_rows(panel: Panel) -> list[list[str]]:
     rows = []
     for s in panel.series:
         runs = s.runs
-        last_diag = [r.diagnostics[-1] for r in runs if r.diagnostics]
+        # a single record at epoch 0 is the initial model, not a final value (alignment 1, change 0)
+        last_diag = [r.diagnostics[-1] for r in runs if r.diagnostics and r.diagnostics[-1].get("epoch")]
+        statuses = [run_status(r.path, r.meta) for r in runs]
 
         def diag(key: str, digits: int = 4, last_diag: list = last_diag) -> str:
             return _stat([d.get(key, math.nan) for d in last_diag], digits)
@@ -78,11 +80,17 @@ def _summary_rows(panel: Panel) -> list[list[str]]:
             [
                 _esc(s.label),
                 str(len(runs)),
+                _esc(
+                    ", ".join(
+                        f"{k} ×{statuses.count(k)}" if statuses.count(k) > 1 else k
+                        for k in dict.fromkeys(statuses)
+                    )
+                ),
                 _stat([final_value(r, "epoch") for r in runs]),
                 _stat([final_value(r, "train_loss") for r in runs]),
                 _stat([final_value(r, "test_loss") for r in runs]),
-                _stat([final_value(r, "test_accuracy") for r in runs]),
-                _stat([best_value(r, "test_accuracy", True) for r in runs]),
+                _stat([100 * final_value(r, "test_accuracy") for r in runs], 4),
+                _stat([100 * best_value(r, "test_accuracy", True) for r in runs], 4),
                 diag("ntk_alignment", 6),
                 diag(deepest, 6),
                 diag("weight_rel_change/all"),
@@ -94,11 +102,12 @@ def _summary_rows(panel: Panel) -> list[list[str]]:
 _SUMMARY_HEAD = [
     "series",
     "runs",
+    "status",
     "epochs",
     "final train loss",
     "final test loss",
-    "final test acc.",
-    "best test acc.",
+    "final test acc. (%)",
+    "best test acc. (%)",
     "NTK alignment (last)",
     "CKA deepest block vs. init (last)",
     "weight rel. change (last)",
@@ -109,7 +118,11 @@ def _summary(panels: Sequence[Panel]) -> list[str]:
     parts = ["<h2>Summary</h2>"]
     for panel in panels:
         parts.append(f"<h3>{_esc(panel.title)}</h3>")
-        parts.append(_table(_SUMMARY_HEAD, _summary_rows(panel), [False] + [True] * (len(_SUMMARY_HEAD) - 1)))
+        parts.append(
+            _table(
+                _SUMMARY_HEAD, _summary_rows(panel), [False, True, False] + [True] * (len(_SUMMARY_HEAD) - 3)
+            )
+        )
     return parts
 
 
@@ -162,6 +175,7 @@ def _runs_table(panels: Sequence[Panel]) -> list[str]:
         for s in panel.series:
             for r in s.runs:
                 meta = {key: meta_value(r.meta, key) for key in _RUN_META}
+                meta["status"] = run_status(r.path, r.meta)
                 meta["git_revision"] = meta["git_revision"] or "unknown"
                 rows.append(
                     [_esc(r.label), _esc(r.get("name")), _esc(panel.title), _esc(s.label), _esc(r.seed)]
