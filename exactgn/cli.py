@@ -316,30 +316,12 @@ def _add_diagnose(sub: Sub) -> None:
     p.set_defaults(func=_run_diagnose)
 
 
-def _check_diagnosable(run_dir: Path, every: int) -> None:
-    """Refuse a run whose checkpoints would give only the initial record (alignment 1, change 0)."""
-    from .lab.rundir import epoch_checkpoints, is_run
-
-    if not is_run(run_dir, ("config.toml",)):
-        return  # diagnose_run names what is missing
-    epochs = [e for e in epoch_checkpoints(run_dir) if every > 0 and e % every == 0]
-    if len(epochs) < 2 or epochs[0] != 0:
-        kept = ", ".join(f"epoch_{e:04d}.pt" for e in epochs) or "none"
-        raise ValueError(
-            f"{run_dir} keeps no epoch checkpoints after the initial one (kept: {kept}), so there is nothing "
-            "to compare with the initial model; diagnose needs train.keep_checkpoints = true. Train again "
-            "with --set train.keep_checkpoints=true, or record the diagnostics during training with "
-            "--set diagnostics.enabled=true"
-        )
-
-
 def _run_diagnose(args: argparse.Namespace) -> int:
     import torch
 
     from .lab.diagnostics import diagnose_run, read_probe
     from .lab.rundir import diagnostics_path
 
-    _check_diagnosable(Path(args.run_dir), args.every)
     start = time.perf_counter()
     probe = read_probe(args.probe) if args.probe else None
     records = diagnose_run(

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import exactgn
 from exactgn.cli import main
-from exactgn.lab.bench import step_flops
+from exactgn.lab.bench import estimate_seconds, step_flops
 
 
 @pytest.mark.parametrize("hidden", [8, None])
@@ -66,6 +66,18 @@ def test_bench_writes_the_documented_json(tmp_path, capsys):
     with open("/proc/cpuinfo") as fh:
         model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
     assert env["cpu_model"] == model and model in table
+    # it said how long the rest would take, before taking it: the counted work at the forward pass's speed
+    per_flop = res["forward_s"] / res["flops"]["forward"]
+    rest = sum(res["flops"][s] for s in ("adam_step", "gn_right_step", "gn_pinv_step"))
+    assert res["estimated_s"] == pytest.approx(rest * per_flop * (3 + 1))
+    assert table.index("the other steps will take about") < table.index("gn_right_step")
+
+
+def test_estimate_seconds_is_the_counted_work_at_the_forward_speed():
+    flops = {"forward": 2e9, "adam_step": 4e9, "gn_pinv_step": 10e9}
+    assert estimate_seconds(0.5, flops, ("adam_step", "gn_pinv_step"), repeats=4, warmup=1) == pytest.approx(
+        (4 + 10) / 2 * 0.5 * 5
+    )
 
 
 def test_bench_truncation_reaches_the_steps(tmp_path, capsys):

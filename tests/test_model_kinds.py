@@ -198,7 +198,12 @@ def test_recorder_matches_brute_force(rng, toml):
     k0, kt = _ntk(init, x), _ntk(now, x)
     assert rec["ntk_alignment"] == pytest.approx(float((k0 * kt).sum() / k0.norm() / kt.norm()), rel=1e-12)
     assert rec["ntk_rel_change"] == pytest.approx(float((kt - k0).norm() / k0.norm()), rel=1e-10)
-    (o0, i0), (ot, it) = _outputs(init, x), _outputs(now, x)
+    _check_cka(rec, _outputs(init, x), _outputs(now, x))
+    _check_weight_metrics(rec, init, now)
+
+
+def _check_cka(rec: dict, at_init: tuple, at_now: tuple) -> None:
+    (o0, i0), (ot, it) = at_init, at_now
     assert len(o0) == 2
     for l in range(2):
         assert rec[f"cka/block{l}"] == pytest.approx(linear_cka(o0[l], ot[l]), rel=1e-12)
@@ -206,6 +211,9 @@ def test_recorder_matches_brute_force(rng, toml):
     assert [k for k in rec if k.startswith("cka_delta/")] == [f"cka_delta/block{l}" for l in range(len(i0))]
     for l in range(len(i0)):
         assert rec[f"cka_delta/block{l}"] == pytest.approx(linear_cka(i0[l], it[l]), rel=1e-12)
+
+
+def _check_weight_metrics(rec: dict, init: torch.nn.Module, now: torch.nn.Module) -> None:
     at_init = dict(init.named_parameters())
     weights = {
         n.removesuffix(".weight"): (p.detach(), at_init[n].detach())

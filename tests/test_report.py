@@ -8,6 +8,7 @@ import json
 import math
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import TINY_RUNS
@@ -186,3 +187,22 @@ def test_report_has_the_matched_loss_table(tiny_runs, tmp_path):
     one = ["report", str(tiny_runs / "gn-full-s0"), "--out", str(single), "--matched-loss", "1"]
     assert cli_main(one) == 0
     assert "matched training loss" not in (single / "index.html").read_text()
+
+
+def test_mini_batch_runs_of_different_sizes_share_one_panel():
+    """The demo's and the reference's mini-batch settings: GN at B = 1000, Adam/SGD at B = 1024 — one plot."""
+
+    def run(name: str, opt: str, batch: int) -> rp.Run:
+        config = {
+            "data": {"dataset": "mnist", "train_size": 5000},
+            "optim": {"name": opt, "lr": 0.1},
+            "train": {"batch_size": batch},
+            "seed": 0,
+        }
+        meta = {"batch_size": batch, "train_size": 5000}
+        return rp.Run(Path(name), name, config, "", meta, [], None, None)
+
+    panels = rp.group_runs([run("gn", "gn", 1000), run("adam", "adam", 1024), run("sgd", "sgd", 1024)])
+    assert [p.setting for p in panels] == ["mini-batch (B=1000, 1024)"]
+    labels = sorted(s.label for s in panels[0].series)
+    assert labels == ["adam (batch_size=1024)", "gn (batch_size=1000)", "sgd (batch_size=1024)"]

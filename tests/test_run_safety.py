@@ -253,6 +253,10 @@ def test_diagnose_without_kept_checkpoints_refuses_with_the_way_out(tmp_path, ca
     err = capsys.readouterr().err
     assert "kept: epoch_0000.pt" in err and "--set train.keep_checkpoints=true" in err
     assert not (run / "diagnostics.jsonl").exists()
+    from exactgn.lab.diagnostics import diagnose_run
+
+    with pytest.raises(ValueError, match="keeps no epoch checkpoints after the initial one"):  # the API too
+        diagnose_run(run, probe_size=8, out=False)
 
 
 def test_report_shows_each_runs_status_and_flags_a_dead_running_run(tmp_path, capsys, keep_threads):
@@ -414,3 +418,28 @@ def test_a_study_or_sweep_never_deletes_a_folder_a_live_run_holds(tmp_path):
     assert (run / "steps.csv").exists()
     remove_run(run)
     assert not run.exists()
+
+
+def test_a_lock_is_never_seen_half_written(tmp_path, monkeypatch):
+    """A lock is created with its record in one step: a second taker that arrives while the first is still
+    writing must find a live lock, never an empty one that it would take for stale and remove (two runs in one
+    folder; seen once in a real concurrent pair)."""
+    import threading
+    import time as _time
+
+    from exactgn.lab import rundir
+
+    real_now = rundir.utc_now
+    monkeypatch.setattr(rundir, "utc_now", lambda: (_time.sleep(0.3), real_now())[1])  # a slow record
+    run = tmp_path / "r"
+    run.mkdir()
+    first = rundir.RunLock(run)
+    taker = threading.Thread(target=first.acquire)
+    taker.start()
+    _time.sleep(0.1)  # the first taker is building its record now
+    with pytest.raises(rundir.RunInUse, match="in use by process"):
+        rundir.RunLock(run).acquire()
+    taker.join()
+    assert first.held and rundir.lock_holder(run)["pid"] == os.getpid()
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]  # no private record left behind
+    first.release()

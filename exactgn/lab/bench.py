@@ -231,6 +231,67 @@ def _counted_flops(cfg: BenchConfig, model: nn.Module, x: torch.Tensor) -> dict[
     return gn_step_flops(model, x)
 
 
+def estimate_seconds(
+    forward_s: float, flops: dict[str, float], steps: tuple[str, ...], repeats: int, warmup: int
+) -> float:
+    """Rough time for the remaining ``steps``: each one's counted work at the forward pass's measured speed,
+    ``repeats + warmup`` times. Eigendecompositions (truncated steps) run slower than their count suggests."""
+    per_flop = forward_s / flops["forward"]
+    return sum(flops[s] * per_flop for s in steps) * (repeats + warmup)
+
+
+def _announce_estimate(
+    results: dict[str, object], flops: dict[str, float], cfg: BenchConfig, progress: bool
+) -> None:
+    """Record (and print) how long the steps after the forward pass will take, before taking them."""
+    remaining = ("adam_step", *(f"gn_{inv}_step" for inv in _gn_steps(cfg)))
+    results["estimated_s"] = estimate_seconds(results["forward_s"], flops, remaining, cfg.repeats, cfg.warmup)
+    if progress:
+        print(
+            f"  forward: {results['forward_s']:.4g} s; the other steps will take about "
+            f"{results['estimated_s']:.0f} s (their counted work at the forward pass's speed)",
+            flush=True,
+        )
+
+
+def _time_adam(
+    build: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, device: torch.device, cfg: BenchConfig
+) -> tuple[float, list[float], int | None]:
+    model = build()
+    adam = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def adam_step() -> None:
+        adam.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        adam.step()
+
+    return _time(adam_step, device, cfg.repeats, cfg.warmup)
+
+
+def _time_gn(
+    build: Callable[[], nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+    cfg: BenchConfig,
+    *,
+    inverse: str,
+    least_squares: bool,
+) -> tuple[float, list[float], int | None, list[str]]:
+    """Median, timings and peak memory of one GN step kind, and how its last step solved its Grams."""
+    opt = GaussNewton(
+        build(),
+        lr=0.1,
+        inverse=inverse,
+        least_squares=least_squares,
+        solve_dtype=cfg.solve_dtype,
+        rtol=cfg.rtol,
+        atol=cfg.atol,
+    )
+    median, times, peak = _time(lambda: opt.step(x, y), device, cfg.repeats, cfg.warmup)
+    return median, times, peak, sorted({s.method for s in opt.last_result.solves})
+
+
 def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, object]:
     """Run the benchmark; returns medians in seconds (``forward_s``, ``adam_step_s``, ``gn_pinv_step_s`` and,
     for a RevMLP, ``gn_right_step_s``), every timing, ratios to the Adam step, counted FLOPs, sizes, the
@@ -265,39 +326,16 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, object]:
                 fwd, device, cfg.repeats, cfg.warmup
             )
         model = None  # free it before the next build (closures below rebind it)
-
-        model = build()
-        adam = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-        def adam_step() -> None:
-            adam.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            adam.step()
-
-        results["adam_step_s"], timings["adam_step"], peaks["adam_step"] = _time(
-            adam_step, device, cfg.repeats, cfg.warmup
+        _announce_estimate(results, flops, cfg, progress)
+        results["adam_step_s"], timings["adam_step"], peaks["adam_step"] = _time_adam(
+            build, x, y, device, cfg
         )
-        model = adam = None
-
         for inverse in _gn_steps(cfg):
             key = f"gn_{inverse}_step"
-            model = build()
-            opt = GaussNewton(
-                model,
-                lr=0.1,
-                inverse=inverse,
-                least_squares=least_squares,
-                solve_dtype=cfg.solve_dtype,
-                rtol=cfg.rtol,
-                atol=cfg.atol,
-            )
-            results[f"{key}_s"], timings[key], peaks[key] = _time(
-                lambda: opt.step(x, y), device, cfg.repeats, cfg.warmup
-            )
-            methods[key] = sorted({s.method for s in opt.last_result.solves})
+            timed = _time_gn(build, x, y, device, cfg, inverse=inverse, least_squares=least_squares)
+            results[f"{key}_s"], timings[key], peaks[key], methods[key] = timed
             if progress:
                 print(f"  {key}: {results[f'{key}_s']:.4g} s", flush=True)
-            model = opt = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 

@@ -506,6 +506,20 @@ def _diagnostics_target(run: Path, out: Any, overwrite: bool) -> Path | None:
     return target
 
 
+def check_diagnosable(run: Path, ckpts: dict[int, Path], every: int) -> None:
+    """Refuse a run whose kept checkpoints would give only the initial record (alignment 1, change 0), which a
+    report would otherwise show as if the model never moved."""
+    epochs = sorted(e for e in ckpts if e % every == 0)
+    if len(epochs) < 2:
+        kept = ", ".join(f"epoch_{e:04d}.pt" for e in epochs) or "none"
+        raise ValueError(
+            f"{run} keeps no epoch checkpoints after the initial one (kept: {kept}), so there is nothing "
+            "to compare with the initial model; diagnose needs train.keep_checkpoints = true. Train again "
+            "with --set train.keep_checkpoints=true, or record the diagnostics during training with "
+            "--set diagnostics.enabled=true"
+        )
+
+
 def diagnose_run(
     run_dir: str | os.PathLike,
     *,
@@ -531,6 +545,7 @@ def diagnose_run(
     run = Path(run_dir)
     ckpts = epoch_checkpoints(run)
     _check_positive_int("every", every, 1)
+    check_diagnosable(run, ckpts, every)
     probe_size = _run_probe_size(run) if probe_size is None else probe_size
     _check_positive_int("probe_size", probe_size, 4)
     target = _diagnostics_target(run, out, overwrite)

@@ -358,18 +358,23 @@ class RunLock:
         self.held = False
 
     def _create(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
+        """Create the lock with its record in one step: the record is written to a private file that is then
+        hard-linked to ``.lock`` (which fails if the lock exists), so no other process can ever read a lock
+        that is still empty and take it for a stale one."""
         record = {
             "pid": os.getpid(),
             "hostname": socket.gethostname(),
             "start_time": utc_now(),
             "command": " ".join(sys.argv)[:300],
         }
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+        private = self.path.with_name(f"{LOCK_FILE}.{os.getpid()}.{id(self)}")
+        private.write_text(json.dumps(record) + "\n", encoding="utf-8")
+        try:
+            os.link(private, self.path)
+        except FileExistsError:
+            return False
+        finally:
+            private.unlink()
         return True
 
     def acquire(self) -> "RunLock":

@@ -199,9 +199,16 @@ def _freeze(v: Any) -> Any:
     return tuple(_freeze(x) for x in v) if isinstance(v, list) else v
 
 
+def _batch_size(run: Run) -> Any:
+    m_batch = run.meta.get("batch_size")
+    return m_batch if isinstance(m_batch, int) else run.get("train.batch_size")
+
+
 def _panel_key(run: Run) -> tuple[str, str]:
     """``(dataset, setting)``: full-batch when the batch covers the training set (as ``meta.json`` records the
-    actual sizes, else as ``train.batch_size = 0`` or ``>= data.train_size`` says), otherwise mini-batch."""
+    actual sizes, else as ``train.batch_size = 0`` or ``>= data.train_size`` says), otherwise mini-batch — one
+    panel for every mini-batch size (GN at B = 1000 beside Adam at B = 1024, as the reference settings have
+    it); the panel's title lists the sizes, and series of different sizes say theirs."""
     dataset = str(run.get("data.dataset", "?"))
     batch = run.get("train.batch_size")
     train_size = run.get("data.train_size", 0) or 0
@@ -209,13 +216,13 @@ def _panel_key(run: Run) -> tuple[str, str]:
     if isinstance(m_batch, int) and isinstance(m_train, int) and m_train > 0:
         if m_batch >= m_train:
             return dataset, f"full-batch ({m_train} images)"
-        return dataset, f"mini-batch (B={m_batch})"
+        return dataset, "mini-batch"
     if batch is None:
         setting = "?"
     elif batch == 0 or (train_size and batch >= train_size):
         setting = f"full-batch ({train_size} images)" if train_size else "full-batch"
     else:
-        setting = f"mini-batch (B={batch})"
+        setting = "mini-batch"
     return dataset, setting
 
 
@@ -261,21 +268,32 @@ def group_runs(runs: Sequence[Run]) -> list[Panel]:
         differing = sorted(
             {k for s in settings for k in s if len({repr(t.get(k)) for t in settings}) > 1} - {"optim.name"}
         )
-        panel = Panel(dataset, setting)
+        panel = Panel(dataset, _panel_setting(setting, members))
         for key, group in groups.items():
-            s = dict(key)
-            # GN's own keys say nothing about an Adam or SGD run (they are defaults there), so they label GN
-            # only; keys a run does not have (e.g. model.widths of a RevMLP) say nothing about it either.
-            gn = group[0].optimiser == "gn"
-            own = [k for k in differing if k in s and (gn or not k.startswith("optim.gn."))]
-            extras = ", ".join(f"{_short(k, differing)}={_fmt_value(s.get(k))}" for k in own)
-            label = group[0].optimiser + (f" ({extras})" if extras else "")
-            if len(group) > 1:
-                label += f" [{len(group)} seeds]"
+            label = _series_label(group, dict(key), differing)
             panel.series.append(Series(label, sorted(group, key=lambda r: (str(r.seed), r.label)), key))
         panel.series.sort(key=lambda s: s.label)
         out.append(panel)
     return out
+
+
+def _panel_setting(setting: str, members: Sequence[Run]) -> str:
+    """A mini-batch panel's title lists the batch sizes of its runs."""
+    if setting != "mini-batch":
+        return setting
+    sizes = sorted({b for b in (_batch_size(r) for r in members) if isinstance(b, int)})
+    return f"mini-batch (B={', '.join(map(str, sizes))})" if sizes else setting
+
+
+def _series_label(group: Sequence[Run], s: dict[str, Any], differing: Sequence[str]) -> str:
+    """The optimiser and the keys that differ between the panel's series. GN's own keys say nothing about an
+    Adam or SGD run (they are defaults there), so they label GN only; keys a run does not have (e.g.
+    model.widths of a RevMLP) say nothing about it either."""
+    gn = group[0].optimiser == "gn"
+    own = [k for k in differing if k in s and (gn or not k.startswith("optim.gn."))]
+    extras = ", ".join(f"{_short(k, differing)}={_fmt_value(s.get(k))}" for k in own)
+    label = group[0].optimiser + (f" ({extras})" if extras else "")
+    return label + (f" [{len(group)} seeds]" if len(group) > 1 else "")
 
 
 def _short(key: str, keys: Sequence[str]) -> str:
