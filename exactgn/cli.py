@@ -100,8 +100,7 @@ def _add_demo(sub: Sub) -> None:
         "with exactgn (no download) with exact Gauss-Newton, Adam and SGD at the reference study's learning "
         "rates: once full-batch (1024 images, 20 steps) and once with mini-batches (5000 images, batches of "
         "1000/1024, 15 epochs). Prints the two comparison tables (final and best train/test loss and "
-        "accuracy). "
-        "About two to three minutes on two CPU cores.",
+        "accuracy). About two to three minutes on two CPU cores.",
     )
     p.add_argument("--out", metavar="DIR", help="folder for the runs (default runs/demo-<time>)")
     p.add_argument(
@@ -278,8 +277,7 @@ def _add_diagnose(sub: Sub) -> None:
         "when the run has train.keep_checkpoints = true): exact NTK alignment with the initial NTK and its "
         "rate "
         "of change, the reference's random-probe NTK estimate, linear CKA (biased and unbiased) of every "
-        "block "
-        "against initialisation, and per-half-layer weight change. Writes RUN_DIR/diagnostics.jsonl.",
+        "block against initialisation, and per-half-layer weight change. Writes RUN_DIR/diagnostics.jsonl.",
     )
     p.add_argument(
         "run_dir", metavar="RUN_DIR", help="a run folder with checkpoints/epoch_0000.pt and later ones"
@@ -455,21 +453,18 @@ def _add_study(sub: Sub) -> None:
             [
                 _wrap(
                     "Run a study: a shipped one by name (exactgn study --list) or a TOML file. A study file "
-                    "is "
-                    "either a sweep file (base + [grid]/[random], as exactgn sweep reads it: trials go to "
+                    "is either a sweep file (base + [grid]/[random], as exactgn sweep reads it: trials go to "
                     "OUT/trial-NNN) or a list of [[run]] tables run one after the other into OUT/<run "
                     "name>/; a "
                     'run with init_from = "NAME" starts from the final weights of the earlier run NAME (or, '
                     "with init_epoch = N, from its checkpoints/epoch_NNNN.pt) with a fresh optimiser: Adam "
-                    "for "
-                    "N epochs then GN, and so on."
+                    "for N epochs then GN, and so on."
                 ),
                 _wrap(
                     "Rerunning the same command skips finished runs and resumes interrupted ones. "
                     "OUT/results.csv "
                     "and OUT/results.md hold final and best results per run (start_epoch: where a switched "
-                    "run "
-                    "starts on its source's epoch axis); exactgn report OUT draws the runs. Default OUT: "
+                    "run starts on its source's epoch axis); exactgn report OUT draws the runs. Default OUT: "
                     "runs/studies/<name>."
                 ),
             ]

@@ -1,8 +1,7 @@
 """The Gauss–Newton mathematics of exactgn, in one place (DESIGN §3).
 
-* :func:`gn_direction` — the GN direction ``J♭v`` (tractable right inverse, §3a) or ``J⁺v`` (minimum norm,
-§3b)
-  with ``v = H⁺g``; the update is ``θ ← θ − lr·direction``.
+* :func:`gn_direction` — the GN direction ``J♭v`` (tractable right inverse, §3a) or ``J⁺v`` (minimum
+  norm, §3b) with ``v = H⁺g``; the update is ``θ ← θ − lr·direction``.
 * :func:`ntk_gram` — the exact empirical NTK ``JJᵀ`` of a batch, ``Bk × Bk``, row ``i·k + c``.
 * :func:`output_cotangents` — ``M_j = ∂o/∂(output of half-layer j)`` for every half-layer, from ``k`` batched
   backward passes.
@@ -337,8 +336,7 @@ def check_exactness(model: RevMLP, batch: int, inverse: str, least_squares: bool
             else f"identity activation: rank at most min(h={layer.width}, d/2={layer.n})"
         )
         raise InexactStepError(
-            "inverse='right' is exact only when every half-layer's activation matrix A = [φ(uC), 1] has "
-            "full "
+            "inverse='right' is exact only when every half-layer's activation matrix A = [φ(uC), 1] has full "
             f"row rank, i.e. batch <= {model.max_exact_batch} here; got batch {batch}. Half-layer {name} has "
             f"rank at most {layer.rank_bound} ({why}{', plus bias' if layer.bias is not None else ''}). "
             "Use a batch of at most that size, inverse='pinv' (exact while JJᵀ is invertible), or pass "
@@ -350,10 +348,8 @@ def check_exactness(model: RevMLP, batch: int, inverse: str, least_squares: bool
         if rows > params:
             raise InexactStepError(
                 f"inverse='pinv' needs J (batch·k = {rows} rows) to have full row rank, but the model has "
-                "only "
-                f"{params} trainable parameters. Use a batch of at most {params // model.num_classes}, or "
-                "pass "
-                "least_squares=True to accept the least-squares step."
+                f"only {params} trainable parameters. Use a batch of at most {params // model.num_classes}, "
+                "or pass least_squares=True to accept the least-squares step."
             )
 
 

@@ -289,8 +289,7 @@ def _qr_factor(a: Tensor, solve_dtype: torch.dtype | None, warn: bool, name: str
             f"{kappa:.1e}, {rank} of {size} singular values above {u / RANK_TOL:.0e}·σ_max): solving by "
             "least squares "
             "without its null space: this step is a least-squares step, not an exact one. Use a smaller "
-            "batch, "
-            "float64, damping or truncation.",
+            "batch, float64, damping or truncation.",
             GramFallbackWarning,
             stacklevel=4,
         )

@@ -224,8 +224,7 @@ def resolve_init_from(path: str | os.PathLike) -> Path:
                 return candidate
         raise ConfigError(
             f"model.init_from: {given} is a folder without checkpoints/last.pt; give a run folder whose run "
-            "has "
-            "started, or a checkpoint file (RUN/checkpoints/last.pt or RUN/checkpoints/epoch_NNNN.pt)"
+            "has started, or a checkpoint file (RUN/checkpoints/last.pt or RUN/checkpoints/epoch_NNNN.pt)"
         )
     if not resolved.is_file():
         raise ConfigError(

@@ -401,8 +401,7 @@ def epoch_checkpoints(run_dir: str | os.PathLike) -> dict[int, Path]:
     if 0 not in found:
         raise FileNotFoundError(
             f"run folder {run} has no {rundir.epoch_checkpoint(run, 0)} (the initial model); diagnostics "
-            "from "
-            "checkpoints need the run's epoch checkpoints: train with train.keep_checkpoints = true"
+            "from checkpoints need the run's epoch checkpoints: train with train.keep_checkpoints = true"
         )
     return found
 

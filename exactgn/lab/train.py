@@ -866,8 +866,7 @@ def _stop_diverged(run: _Run, exc: Diverged) -> None:
     msg = (
         f"run diverged ({exc}); training stopped. The last good checkpoint (epoch "
         f"{max(run.pos.epochs_done, 0)}) is kept in {checkpoint_dir(run.run_dir)}. Try a smaller optim.lr, "
-        "or "
-        "truncation/damping for GN."
+        "or truncation/damping for GN."
     )
     run.update_meta(status="diverged", end_time=utc_now(), message=msg)
     _write(f"exactgn: {msg}")

@@ -122,8 +122,7 @@ def find_runs(paths: Iterable[str | os.PathLike]) -> list[Path]:
         if not below:
             raise ReportError(
                 f"{path} is not a run folder (it has none of {', '.join(RUN_MARKERS)}) and no run folder was "
-                "found "
-                "below it; pass the folder that `exactgn train` wrote"
+                "found below it; pass the folder that `exactgn train` wrote"
             )
         found.extend(below)
     unique: list[Path] = []
