@@ -21,7 +21,15 @@ from torch import Tensor
 from .core import INVERSES, GNResult, chunk_edges, symmetrise_lower
 from .errors import InexactStepError, NonFiniteError
 from .generic import generic_direction, generic_jvp_logits, generic_ntk_gram
-from .linalg import Regularisation, RowFactor, SolveInfo, factor_rows, gram_solve, symmetric_matmul
+from .linalg import (
+    Regularisation,
+    RowFactor,
+    SolveInfo,
+    all_finite,
+    factor_rows,
+    gram_solve,
+    symmetric_matmul,
+)
 from .losses import HESSIANS, LOSSES, as_target_rows, check_choice, loss_value, newton_target
 from .model import HalfLayerRecord, RevMLP
 from .precision import as_solve_dtype, working_dtype
@@ -394,7 +402,7 @@ def _solve_failure(err: Exception, records: list[HalfLayerRecord]) -> NonFiniteE
 
 
 def _check_direction(direction: dict[str, Tensor]) -> None:
-    finite = torch.stack([torch.isfinite(t).all() for t in direction.values()]).tolist()  # one device sync
+    finite = all_finite(list(direction.values()))
     bad = [name for name, ok in zip(direction, finite) if not ok]
     if bad:
         dtype = next(iter(direction.values())).dtype

@@ -14,7 +14,7 @@ from torch import Tensor
 from .errors import NonFiniteError
 from .generic import check_right_inverse
 from .gn import INVERSES, GNResult, compute_direction
-from .linalg import Regularisation
+from .linalg import Regularisation, all_finite
 from .losses import HESSIANS, LOSSES, check_choice
 from .model import RevMLP
 from .precision import as_solve_dtype
@@ -133,7 +133,7 @@ class GaussNewton(torch.optim.Optimizer):
         settings = self._direction_settings()
         result = compute_direction(self.model, inputs, targets, **settings)
         name_of = {p: name for name, p in self.model.named_parameters()}
-        updated: list[tuple[Tensor, Tensor]] = []
+        moves: list[tuple[Tensor, Tensor, float]] = []
         for group in self.param_groups:
             lr, wd, noise = group["lr"], group["weight_decay"], group["noise"]
             for p in group["params"]:
@@ -143,20 +143,52 @@ class GaussNewton(torch.optim.Optimizer):
                     d = d + noise * rms * torch.randn_like(d)
                 if wd:
                     d = d + wd * p
-                updated.append((p, p - lr * d))
-        bad = [name_of[p] for p, new in updated if not torch.isfinite(new).all()]
-        if bad:
-            raise NonFiniteError(
-                f"the GN step would make {bad[:4]} non-finite (batch loss before the step: "
-                f"{result.loss.item():.4g}); "
-                "the parameters were left unchanged. Lower the learning rate or add damping/truncation."
-            )
-        for p, new in updated:
-            p.copy_(new)
+                moves.append((p, d, lr))
+        if _cannot_overflow(moves):
+            for p, d, lr in moves:
+                p.add_(d, alpha=-lr)
+        else:
+            _apply_if_finite(moves, name_of, result.loss)
+        for p, _, _ in moves:
             state = self.state[p]
             state["step"] = state.get("step", 0) + 1
         self.last_result = result
         return result.loss
+
+
+def _cannot_overflow(moves: list[tuple[Tensor, Tensor, float]]) -> bool:
+    """``max|p| + lr·max|d|`` is finite and far below the dtype's largest value for every ``p − lr·d``.
+
+    Then no entry of any update can be NaN or infinite and the step can be applied in place; one device
+    synchronisation.
+    """
+    if not moves:
+        return True
+    if any(lr > 0.5 * torch.finfo(p.dtype).max for p, _, lr in moves):  # alpha itself must fit the dtype
+        return False
+
+    def excess(p: Tensor, d: Tensor, lr: float) -> Tensor:
+        # aminmax, not vector_norm(inf): the latter measured 20× slower on the CPU
+        size = torch.stack([*torch.aminmax(p), *torch.aminmax(d)]).double().abs()
+        return size[:2].max() + lr * size[2:].max() - 0.5 * torch.finfo(p.dtype).max
+
+    bounds = torch.stack([excess(p, d, lr) for p, d, lr in moves])
+    return bool((bounds <= 0).all())  # NaN compares False
+
+
+def _apply_if_finite(moves: list[tuple[Tensor, Tensor, float]], name_of: dict, loss: Tensor) -> None:
+    """Compute every ``p − lr·d``; apply them all only if every entry is finite, else raise naming the
+    parameters."""
+    updated = [(p, p - lr * d) for p, d, lr in moves]
+    finite = all_finite([new for _, new in updated])
+    bad = [name_of[p] for (p, _), ok in zip(updated, finite) if not ok]
+    if bad:
+        raise NonFiniteError(
+            f"the GN step would make {bad[:4]} non-finite (batch loss before the step: {loss.item():.4g}); "
+            "the parameters were left unchanged. Lower the learning rate or add damping/truncation."
+        )
+    for p, new in updated:
+        p.copy_(new)
 
 
 def _check_lr_positive(lr: object) -> None:

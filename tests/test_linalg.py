@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from exactgn.linalg import GramFallbackWarning, Regularisation, gram_solve
+from exactgn.linalg import (
+    GramFallbackWarning,
+    Regularisation,
+    _cond_estimate,
+    all_finite,
+    cholesky_solve,
+    gram_solve,
+)
 
 F64 = torch.float64
 
@@ -106,3 +115,38 @@ def test_float64_solve_of_a_float32_gram(rng):
 def test_bad_regularisation(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         Regularisation(**bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_cholesky_solve_matches_a_float64_solve(rng, dtype):
+    a = _wide(rng, rows=30, cols=50)
+    k = a @ a.T
+    r = torch.randn(30, 7, generator=rng, dtype=F64)
+    lower = torch.linalg.cholesky(k.to(dtype))
+    got = cholesky_solve(r.to(dtype), lower)
+    ref = torch.linalg.solve(k, r)
+    tol = 1e-11 if dtype == F64 else 1e-3
+    assert got.dtype == dtype
+    assert (got.double() - ref).norm() / ref.norm() <= tol
+    assert torch.allclose(got, torch.cholesky_solve(r.to(dtype), lower), rtol=1e-4 if dtype != F64 else 1e-12)
+
+
+def test_all_finite_names_each_tensor():
+    big = torch.full((4,), 3e38)  # finite, but its float32 sum overflows: checked element by element
+    half = torch.full((8,), 6e4, dtype=torch.float16)  # float16 sums would overflow; summed in float32
+    tensors = [torch.ones(3), torch.tensor([1.0, float("nan")]), big, torch.tensor([float("-inf")]), half]
+    assert all_finite(tensors) == [True, False, True, False, True]
+    assert all_finite([]) == []
+
+
+def test_condition_estimate_of_a_stack(rng):
+    mats = []
+    for kappa in (1.0, 30.0, 1e4):
+        u, _ = torch.linalg.qr(torch.randn(40, 40, generator=rng, dtype=F64))
+        v, _ = torch.linalg.qr(torch.randn(60, 40, generator=rng, dtype=F64))
+        s = torch.logspace(0, math.log10(kappa), 40, dtype=F64)
+        mats.append((u * s) @ v.T)
+    lower = torch.linalg.cholesky(torch.stack([m @ m.T for m in mats]))
+    est = _cond_estimate(lower)
+    for got, kappa in zip(est.tolist(), (1.0, 30.0, 1e4)):
+        assert kappa / 1.5 <= got <= kappa * (1 + 1e-9)  # from below, and close

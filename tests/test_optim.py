@@ -199,3 +199,19 @@ def test_full_batch_mse_fits_in_a_few_steps(rng, inverse):
         opt.step(x, y)
     final = exactgn.loss_value(model(x), torch.nn.functional.one_hot(y, 3).to(F64), "mse").item()
     assert final < 1e-4 * first
+
+
+def test_a_float16_step_that_would_overflow_changes_nothing(rng):
+    """The in-place update is taken only when ``max|p| + lr·max|d|`` cannot overflow the parameters' dtype."""
+    model = random_model(rng, in_features=24, num_classes=3, num_blocks=2, hidden=16, dtype=torch.float16)
+    x = torch.randn(6, 24, generator=rng).half()
+    y = torch.randint(0, 3, (6,), generator=rng)
+    before = [p.detach().clone() for p in model.parameters()]
+    biggest = max(t.abs().max().item() for t in exactgn.gn_direction(model, x, y, inverse="pinv").values())
+    opt = exactgn.GaussNewton(model, lr=2 * 65504 / biggest, inverse="pinv")  # lr·d beyond float16's max
+    with pytest.raises(NonFiniteError, match="left unchanged"):
+        opt.step(x, y)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    opt = exactgn.GaussNewton(model, lr=0.5, inverse="pinv")
+    opt.step(x, y)
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
