@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from exactgn.cli import main as cli_main
 from exactgn.lab import train as T
 from exactgn.lab.checkpoint import load_checkpoint
 from exactgn.lab.config import ConfigError, loads_config
-from exactgn.lab.rundir import RunInUse, RunLock, read_meta, read_rows, run_status, write_meta
+from exactgn.lab.rundir import RunInUse, RunLock, lock_holder, read_meta, read_rows, run_status, write_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = """
@@ -143,6 +144,53 @@ def test_a_stale_lock_of_a_dead_process_is_reported_and_replaced(tmp_path, capsy
     assert read_meta(run)["epochs_done"] == 2 and not (run / ".lock").exists()
     with RunLock(run), pytest.raises(RunInUse, match=f"in use by process {os.getpid()}"):
         T.train(None, resume=run, overrides=["train.epochs=3"], progress=False)
+
+
+def _stale_lock(run, dead_pid):
+    """A lock on ``run`` that looks as if the dead process ``dead_pid`` had taken it."""
+    run.mkdir(exist_ok=True)
+    RunLock(run).acquire()
+    lock = (run / ".lock").read_text()
+    (run / ".lock").write_text(lock.replace(f'"pid": {os.getpid()}', f'"pid": {dead_pid}'))
+
+
+def _dead_pid():
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    return dead.pid
+
+
+def test_a_stale_lock_replaced_meanwhile_is_not_removed_again(tmp_path, capsys):
+    """Two processes find the same stale lock; the first replaces it; the second, acting on what it read
+    before, must not remove the first one's live lock (the double-removal race)."""
+    run = tmp_path / "r"
+    _stale_lock(run, _dead_pid())
+    seen_by_second = lock_holder(run)
+    assert seen_by_second["alive"] is False
+    first = RunLock(run).acquire()  # replaces the stale lock
+    assert RunLock(run).remove_stale(seen_by_second) is False
+    assert lock_holder(run)["pid"] == os.getpid() and first.held
+    with pytest.raises(RunInUse, match=f"in use by process {os.getpid()}"):
+        RunLock(run).acquire()
+    assert capsys.readouterr().err.count("removing a stale lock") == 1
+
+
+def test_a_breaker_left_by_a_dead_process_is_cleared(tmp_path):
+    run = tmp_path / "r"
+    _stale_lock(run, _dead_pid())
+    (run / ".lock.break").write_text(f"{_dead_pid()} {socket.gethostname()}\n")
+    lock = RunLock(run).acquire()
+    assert lock.held and lock_holder(run)["pid"] == os.getpid() and not (run / ".lock.break").exists()
+
+
+def test_a_live_breaker_keeps_others_from_removing_the_stale_lock(tmp_path):
+    run = tmp_path / "r"
+    dead = _dead_pid()
+    _stale_lock(run, dead)
+    (run / ".lock.break").write_text(f"{os.getpid()} {socket.gethostname()}\n")  # a live remover
+    with pytest.raises(RunInUse, match="could not take the lock"):
+        RunLock(run).acquire()
+    assert lock_holder(run)["pid"] == dead  # left to the live remover
 
 
 # ---------------------------------------------------------------------------- 2, 3: kills between writes

@@ -23,6 +23,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -348,6 +349,27 @@ def _describe(holder: dict[str, Any]) -> str:
     )
 
 
+def _identity(holder: dict[str, Any]) -> tuple:
+    return tuple(holder.get(key) for key in ("pid", "hostname", "start_time", "command"))
+
+
+def _clear_dead_breaker(breaker: Path) -> None:
+    """Remove ``RUN/.lock.break`` if the process that made it died while removing a stale lock."""
+    try:
+        pid, host = breaker.read_text(encoding="utf-8").split()
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        pid, host = "", socket.gethostname()  # made but not yet written: judged on its age below
+    if host != socket.gethostname():
+        return
+    if pid.isdigit() and _pid_alive(int(pid)):
+        return
+    with contextlib.suppress(OSError):
+        if pid or time.time() - breaker.stat().st_mtime > 5.0:
+            breaker.unlink()
+
+
 class RunLock:
     """An exclusive lock on a run folder, held for the life of a run: ``RUN/.lock``, created with
     ``O_EXCL``, holds the owner's PID. A lock whose process is gone (same host) is stale: it is reported
@@ -379,7 +401,9 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         """Take the lock, or raise :class:`RunInUse` naming the process that holds it."""
-        for _ in range(3):
+        for attempt in range(20):
+            if attempt:
+                time.sleep(0.01 * attempt)  # another process may be replacing a stale lock meanwhile
             if self._create():
                 self.held = True
                 return self
@@ -395,6 +419,29 @@ class RunLock:
                         else f" (it runs on another host: if it is gone, delete {self.path})"
                     )
                 )
+            self.remove_stale(holder)
+        raise RunInUse(f"{self.path.parent}: could not take the lock {self.path}; try again")
+
+    def remove_stale(self, holder: dict[str, Any]) -> bool:
+        """Remove the lock if it still holds the record ``holder`` of a dead process (``False``: it does not).
+
+        Two processes can find the same stale lock; the first replaces it with its own. The second must then
+        not remove the new, live lock, so removal happens under ``RUN/.lock.break`` (created exclusively: one
+        remover at a time) and only after re-reading the lock and finding the same record.
+        """
+        breaker = self.path.with_name(LOCK_FILE + ".break")
+        try:
+            fd = os.open(breaker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            _clear_dead_breaker(breaker)
+            return False
+        try:
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+            os.close(fd)
+            current = lock_holder(self.path.parent)
+            same = current is not None and _identity(current) == _identity(holder)
+            if not same or current["alive"] is not False:
+                return False
             print(
                 f"exactgn: {self.path.parent}: removing a stale lock of {_describe(holder)}, "
                 "which is no longer running",
@@ -403,7 +450,10 @@ class RunLock:
             )
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
-        raise RunInUse(f"{self.path.parent}: could not take the lock {self.path}; try again")
+            return True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                breaker.unlink()
 
     def release(self) -> None:
         if self.held:
