@@ -22,6 +22,21 @@ def data_root() -> Path | None:
     return root if root.is_dir() else None
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_live_runs(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The tests' runs (and the processes they start) register in a folder of their own, so that exactgn runs
+    elsewhere on the machine do not change the thread count of a test run with ``train.threads = 0``."""
+    os.environ["EXACTGN_LIVE_RUNS"] = str(tmp_path_factory.mktemp("live-runs"))
+
+
+@pytest.fixture
+def keep_threads():
+    """Restore torch's thread count after a test whose run sets it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def rng(request: pytest.FixtureRequest) -> torch.Generator:
     """A seeded generator, one stream per test: every check draws its own inputs and weights.

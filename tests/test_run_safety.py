@@ -268,13 +268,6 @@ def test_a_closed_output_pipe_neither_fails_nor_rewinds_a_run(tmp_path):
 
 
 # ---------------------------------------------------------------------------- 5, 6: threads
-@pytest.fixture
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_resume_with_other_threads_warns(tmp_path, capsys, keep_threads):
     run = tmp_path / "r"
     T.train(loads_config(TINY.format(epochs=1)), run, progress=False)

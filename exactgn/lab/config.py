@@ -264,7 +264,7 @@ class TrainConfig(Table):
     checkpoint_every: int = Field(10, ge=0)  # epochs between checkpoints; 0 = only at the end (and on Ctrl-C)
     keep_checkpoints: bool = False  # also keep checkpoints/epoch_NNNN.pt at those times
     device: str = Field("auto", pattern=_DEVICE_RE, description="auto, cpu, cuda, cuda:N or mps")
-    threads: int = Field(0, ge=0)  # torch.set_num_threads; 0 = torch's default
+    threads: int = Field(0, ge=0)  # torch.set_num_threads; 0 = auto (lab.cores: share with live runs)
 
 
 class DiagnosticsConfig(Table):

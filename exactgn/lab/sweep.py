@@ -323,7 +323,7 @@ RESULT_FIELDS = (
 def _say_threads(spec: SweepSpec, backend: str, trials: int, progress: bool) -> None:
     if not progress:
         return
-    from .train import available_cores
+    from .cores import available_cores
 
     cores, each = available_cores(), spec.cpus_per_trial
     side = "one at a time"

@@ -64,6 +64,7 @@ from .config import (
     with_overrides,
     write_config,
 )
+from .cores import LiveRun, auto_threads, available_cores, live_runs
 from .data import DataSplit, load_dataset, random_resized_crop
 from .diagnostics import make_callback
 from .rundir import (
@@ -609,6 +610,13 @@ class _Start:
     payload: dict[str, Any] | None
     lock: RunLock
     restarted: bool = False
+    live: LiveRun | None = None
+
+    def release(self) -> None:
+        """End the run's hold on its folder and its share of the cores."""
+        if self.live is not None:
+            self.live.release()
+        self.lock.release()
 
 
 def _start_resume(run_dir: Path, overrides: Any) -> _Start:
@@ -718,18 +726,22 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def _set_threads(cfg: RunConfig, meta: dict[str, Any], resuming: bool) -> None:
-    """``train.threads``, bounded by the machine; on resume, a warning when the count differs from the run's
-    (the float sums are then split differently, so the weights are no longer bit-identical)."""
+def _set_threads(cfg: RunConfig, meta: dict[str, Any], resuming: bool, run_dir: Path) -> LiveRun:
+    """``train.threads``, bounded by the machine; ``0`` (auto) shares the cores with the other exactgn runs
+    live on this host (:mod:`exactgn.lab.cores`). On resume, a warning when the count differs from the run's
+    (the float sums are then split differently, so the weights are no longer bit-identical). Returns this
+    run's record among the live runs."""
     threads = cfg.train.threads
     cores = available_cores()
     if threads > cores:
         raise ConfigError(
             f"train.threads = {threads} exceeds the {cores} cores available to this process; use at most "
-            f"{cores}, or 0 for torch's default"
+            f"{cores}, or 0 to share them with the other exactgn runs on this host"
         )
     if threads:
         torch.set_num_threads(threads)
+    else:
+        _share_cores(cores)
     before, now = meta.get("threads"), torch.get_num_threads()
     if resuming and isinstance(before, int) and before != now:
         _write(
@@ -738,14 +750,22 @@ def _set_threads(cfg: RunConfig, meta: dict[str, Any], resuming: bool) -> None:
             f"--set train.threads={before} to keep that)"
         )
     meta["threads"] = now
+    return LiveRun.register(now, run_dir)
 
 
-def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity, else ``os.cpu_count()``)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+def _share_cores(cores: int) -> None:
+    """``train.threads = 0``: torch's default alone, an equal share of the cores beside other live runs."""
+    others = live_runs()
+    if not others:
+        return
+    threads = auto_threads(cores, others)
+    torch.set_num_threads(threads)
+    listed = ", ".join(f"PID {o.get('pid')} ({o.get('threads')} threads)" for o in others[:4])
+    _write(
+        f"threads: {threads} of {cores} cores (train.threads = 0 shares them): {len(others)} other exactgn "
+        f"run{'s' if len(others) > 1 else ''} live on this host: {listed}. Runs started earlier keep their "
+        "threads; set train.threads in each run to split the cores evenly"
+    )
 
 
 _OPTIMISER_STATES = {"gn": 1, "adam": 2, "adamw": 2, "sgd": 1}  # tensors of θ's size each keeps
@@ -804,7 +824,7 @@ def _check_memory(cfg: RunConfig, data: DataSplit, batch: int, device: torch.dev
 
 def _build_run(start: _Start, callbacks: Sequence[EpochCallback], progress: bool) -> _Run:
     cfg, payload = start.cfg, start.payload
-    _set_threads(cfg, start.meta, payload is not None)
+    start.live = _set_threads(cfg, start.meta, payload is not None, start.run_dir)
     device = resolve_device(cfg.train.device)
     data = _load_data(cfg, device)
     batch = len(data.train) if cfg.train.batch_size == 0 else min(cfg.train.batch_size, len(data.train))
@@ -910,7 +930,7 @@ def train(
     try:
         run = _build_run(start, callbacks, progress and epoch_lines)
     except BaseException:
-        start.lock.release()
+        start.release()
         with contextlib.suppress(OSError):
             start.run_dir.rmdir()  # a new folder that nothing was written to
         raise
@@ -937,7 +957,7 @@ def train(
     finally:
         guard.uninstall()
         run.log.close()
-        start.lock.release()
+        start.release()
     return run.run_dir
 
 
