@@ -10,7 +10,8 @@ What is copied, keeping the folder structure below SOURCE (docs/results.md):
   ``results.md``, ``comparison.csv``, ``comparison.md``);
 * ``steps.csv`` as it is when it is at most ``--max-bytes``, else gzipped to ``steps.csv.gz``;
 * at the top of SOURCE, any other ``*.csv``, ``*.md``, ``*.json`` (e.g. a table written by
-  ``study_tables.py cross-cka --csv``).
+  ``study_tables.py cross-cka --csv``);
+* the study file that ``study.json`` names (its ``study_file``), as ``study-file.toml``, when it still exists.
 
 Never copied: checkpoints (``*.pt``, ``checkpoints/``), TensorBoard and Ray folders, ``steps.jsonl`` (the same
 rows as ``steps.csv``). A file larger than ``--max-bytes`` (default 1 MB) stops the whole collection before
@@ -45,6 +46,7 @@ SMALL_FILES = {
 TOP_SUFFIXES = (".csv", ".md", ".json")
 SKIP_DIRS = {"checkpoints", "tensorboard", "ray", "__pycache__"}
 MANIFEST = "COLLECTED.json"
+STUDY_FILE = "study-file.toml"
 DEFAULT_MAX_BYTES = 1_000_000
 
 
@@ -66,7 +68,21 @@ def plan(source: Path, max_bytes: int) -> list[tuple[Path, Path, bool]]:
             out.append((path, rel.with_name("steps.csv.gz") if big else rel, big))
         elif path.name in SMALL_FILES or (len(rel.parts) == 1 and path.suffix in TOP_SUFFIXES):
             out.append((path, rel, False))
+    study_file = _study_file(source)
+    if study_file is not None:
+        out.append((study_file, Path(STUDY_FILE), False))
     return out
+
+
+def _study_file(source: Path) -> Path | None:
+    """The study file that ``source/study.json`` names, when it still exists (copied as ``study-file.toml``,
+    so that the exact runs can be rerun from the results folder)."""
+    try:
+        named = json.loads((source / "study.json").read_text(encoding="utf-8")).get("study_file")
+    except (OSError, ValueError, AttributeError):
+        return None
+    path = Path(named) if isinstance(named, str) else None
+    return path if path is not None and path.is_file() else None
 
 
 def _gzip_bytes(path: Path) -> bytes:

@@ -282,3 +282,19 @@ def test_results_folder_is_not_ignored_by_git():
         ["git", "check-ignore", "-q", "runs/x/epochs.csv"], cwd=ROOT, capture_output=True, check=False
     )
     assert out.returncode == 0  # runs/ stays ignored
+
+
+def test_collect_keeps_the_study_file_that_study_json_names(tmp_path):
+    src = tmp_path / "study"
+    fake_run(src / "gn", opt="gn", seed=0, lr=1.0, final_acc=0.8)
+    study_file = tmp_path / "elsewhere" / "half-a.toml"
+    study_file.parent.mkdir()
+    study_file.write_text('name = "half-a"\n')
+    (src / "study.json").write_text(json.dumps({"name": "half-a", "study_file": str(study_file)}))
+    res = tmp_path / "results"
+    assert CR.main([str(src), "s", "--results", str(res)]) == 0
+    assert (res / "s" / "study-file.toml").read_text() == 'name = "half-a"\n'
+    assert "study-file.toml" in json.loads((res / "s" / "COLLECTED.json").read_text())["files"]
+    study_file.unlink()  # gone: the results folder still collects, without it
+    assert CR.main([str(src), "t", "--results", str(res)]) == 0
+    assert not (res / "t" / "study-file.toml").exists()
