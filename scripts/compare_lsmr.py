@@ -81,10 +81,23 @@ def lsmr_rows(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch
     return rows
 
 
-def compare(batch: int, widths: list[int], repeats: int, seed: int) -> dict[str, object]:
+def batch_of(data: str, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``random``: Gaussian inputs and random labels; ``mnist``: the first ``batch`` MNIST training images,
+    normalised as exactgn trains on them (``EXACTGN_DATA`` or ``--data-root``)."""
+    if data == "random":
+        return torch.randn(batch, 784, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
+    from exactgn.lab.data import load_dataset
+
+    train = load_dataset("mnist", train_size=batch, test_size=1).train
+    return train.images.reshape(batch, -1), train.labels
+
+
+def compare(
+    batch: int, widths: list[int], repeats: int, seed: int, data: str = "random"
+) -> dict[str, object]:
     gen = torch.Generator().manual_seed(seed)
     model = exactgn.models.MLP(784, 10, widths, seed=seed)
-    x, y = torch.randn(batch, 784, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
+    x, y = batch_of(data, batch, gen)
     ref_model = copy.deepcopy(model).double()
     ref_res = exactgn.gn.compute_direction(ref_model, x.double(), y, inverse="pinv")
     ref = flat(ref_res.direction, ref_model)
@@ -93,6 +106,7 @@ def compare(batch: int, widths: list[int], repeats: int, seed: int) -> dict[str,
     hit = next((r for r in rows if r["rel_error"] <= TARGET), None)
     return {
         "batch": batch,
+        "data": data,
         "widths": widths,
         "parameters": sum(p.numel() for p in model.parameters()),
         "adam_step_s": adam_time(model, x, y, repeats),
@@ -113,14 +127,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="FILE")
+    parser.add_argument(
+        "--data",
+        choices=["random", "mnist"],
+        default="random",
+        help="random inputs (default) or the first B MNIST training images (EXACTGN_DATA)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = []
     for batch in args.batch:
-        r = compare(batch, args.widths, args.repeats, args.seed)
+        r = compare(batch, args.widths, args.repeats, args.seed, args.data)
         results.append(r)
         adam = r["adam_step_s"]
-        print(f"B={batch}, MLP 784→{'→'.join(map(str, args.widths))}→10 ({r['parameters']:,} parameters), "
+        print(f"B={batch} ({args.data}), MLP 784→{'→'.join(map(str, args.widths))}→10 "
+              f"({r['parameters']:,} parameters), "
               f"{args.threads} thread(s): Adam step {adam * 1e3:.1f} ms")  # fmt: skip
         print(f"  exactgn J⁺v (float32): {r['exactgn_step_s']:.3f} s = {r['exactgn_step_s'] / adam:.1f} Adam "
               f"steps, rel. error {r['exactgn_rel_error']:.1e}")  # fmt: skip
@@ -129,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['seconds'] / adam:.1f} Adam steps, rel. error {row['rel_error']:.1e}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"threads": args.threads, "torch": torch.__version__, "results": results}, fh, indent=2)
+            json.dump(
+                {"threads": args.threads, "torch": torch.__version__, "data": args.data, "results": results},
+                fh,
+                indent=2,
+            )
     return 0
 
 
