@@ -125,10 +125,11 @@ def test_cholesky_solve_matches_a_float64_solve(rng, dtype):
     lower = torch.linalg.cholesky(k.to(dtype))
     got = cholesky_solve(r.to(dtype), lower)
     ref = torch.linalg.solve(k, r)
-    tol = 1e-11 if dtype == F64 else 1e-3
+    tol = 1e-11 if dtype == F64 else 1e-5  # ≈ u·cond(K) (cond(K) ≈ 60 here); measured ≤ 9e-7 in float32
     assert got.dtype == dtype
     assert (got.double() - ref).norm() / ref.norm() <= tol
-    assert torch.allclose(got, torch.cholesky_solve(r.to(dtype), lower), rtol=1e-4 if dtype != F64 else 1e-12)
+    theirs = torch.cholesky_solve(r.to(dtype), lower)
+    assert (got - theirs).norm() / theirs.norm() <= tol  # the same two solves, up to rounding order
 
 
 def test_all_finite_names_each_tensor():

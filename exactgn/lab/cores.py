@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["available_cores", "live_runs", "LiveRun", "auto_threads", "registry_dir"]
+__all__ = ["available_cores", "live_runs", "LiveRun", "auto_threads", "registry_dir", "pid_alive"]
 
 
 def available_cores() -> int:
@@ -49,19 +49,20 @@ def _process_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[-1].split()[19]  # field 22, counted after the command name
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (also when another user owns it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        return True  # it exists, owned by someone else
     return True
 
 
 def _is_live(record: dict[str, Any]) -> bool:
     pid = record.get("pid")
-    if not isinstance(pid, int) or not _alive(pid):
+    if not isinstance(pid, int) or not pid_alive(pid):
         return False
     started = record.get("process_start")
     return started is None or _process_start(pid) in (None, started)

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from .cores import pid_alive
+
 __all__ = [
     "CONFIG_FILE",
     "META_FILE",
@@ -312,16 +314,6 @@ class RunInUse(FileExistsError):
     """Another live process holds the run folder's lock."""
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, owned by someone else
-    return True
-
-
 def lock_holder(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The record in ``RUN/.lock`` (``pid``, ``hostname``, ``start_time``, ``command``) plus ``alive``
     (``True``, ``False``, or ``None`` when it was taken on another host); ``None`` when there is no lock."""
@@ -338,7 +330,7 @@ def lock_holder(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     if record.get("hostname") != socket.gethostname():
         record["alive"] = None if isinstance(pid, int) else False
     else:
-        record["alive"] = isinstance(pid, int) and _pid_alive(pid)
+        record["alive"] = isinstance(pid, int) and pid_alive(pid)
     return record
 
 
@@ -363,7 +355,7 @@ def _clear_dead_breaker(breaker: Path) -> None:
         pid, host = "", socket.gethostname()  # made but not yet written: judged on its age below
     if host != socket.gethostname():
         return
-    if pid.isdigit() and _pid_alive(int(pid)):
+    if pid.isdigit() and pid_alive(int(pid)):
         return
     with contextlib.suppress(OSError):
         if pid or time.time() - breaker.stat().st_mtime > 5.0:
