@@ -19,6 +19,7 @@ from .generic import (
 )
 from .gn import GNResult, compute_direction, gn_direction, jvp_logits, ntk_gram, output_cotangents
 from .linalg import GramFallbackWarning, Regularisation, gram_solve
+from .linear_view import linear_view
 from .losses import loss_value, newton_target
 from .model import RevMLP
 from .models import MLP, ResMLP, mlp_width_for
@@ -31,6 +32,7 @@ __all__ = [
     "MLP",
     "ResMLP",
     "mlp_width_for",
+    "linear_view",
     "generic_direction",
     "generic_ntk_gram",
     "gn_step_flops",
