@@ -54,14 +54,38 @@ SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
 }
-#: Learning-rate grids of the tuning studies; the middle value is the study's rate until tuned.
+#: Learning-rate grids of the tuning studies. Grown at the top wherever a model chose the top value (an
+#: optimum at a grid's edge is not a tuned rate): Adam 3e-3 and SGD 1.0 after the first three-value grids,
+#: then full batch GN 10 and Adam 1e-2. The mini-batch GN grid stops at 1.0, the full function-space step.
 GRIDS = {
     ("mb", "gn"): (0.05, 0.2, 1.0),
-    ("fb", "gn"): (0.3, 1.0, 3.0),
-    ("mb", "adam"): (1e-4, 3e-4, 1e-3),
-    ("fb", "adam"): (1e-4, 3e-4, 1e-3),
-    ("mb", "sgd"): (0.03, 0.1, 0.3),
-    ("fb", "sgd"): (0.03, 0.1, 0.3),
+    ("fb", "gn"): (0.3, 1.0, 3.0, 10.0),
+    ("mb", "adam"): (1e-4, 3e-4, 1e-3, 3e-3),
+    ("fb", "adam"): (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
+    ("mb", "sgd"): (0.03, 0.1, 0.3, 1.0),
+    ("fb", "sgd"): (0.03, 0.1, 0.3, 1.0),
+}
+#: Rates of the study, chosen by scripts/tune.py on the tuning studies' validation split (seed 42; logs in
+#: results/tune-arch-{mb,fb}-cpu-*): (setting, model kind, optimiser) → learning rate.
+TUNED = {
+    ("mb", "mlp", "gn"): 1.0,
+    ("mb", "mlp", "adam"): 1e-3,
+    ("mb", "mlp", "sgd"): 0.3,
+    ("mb", "resmlp", "gn"): 1.0,
+    ("mb", "resmlp", "adam"): 3e-4,
+    ("mb", "resmlp", "sgd"): 0.1,
+    ("mb", "revmlp", "gn"): 1.0,
+    ("mb", "revmlp", "adam"): 3e-4,
+    ("mb", "revmlp", "sgd"): 0.1,
+    ("fb", "mlp", "gn"): 10.0,
+    ("fb", "mlp", "adam"): 3e-3,
+    ("fb", "mlp", "sgd"): 0.3,
+    ("fb", "resmlp", "gn"): 1.0,
+    ("fb", "resmlp", "adam"): 1e-3,
+    ("fb", "resmlp", "sgd"): 0.1,
+    ("fb", "revmlp", "gn"): 3.0,
+    ("fb", "revmlp", "adam"): 3e-4,
+    ("fb", "revmlp", "sgd"): 0.3,
 }
 COMMON = {
     "optim.gn.solve_dtype": "float64",
@@ -95,7 +119,8 @@ def runs(settings: tuple[str, ...], hidden: int, tuning: bool) -> list[dict[str,
         for kind in KINDS:
             for opt in OPTIMISERS:
                 grid = GRIDS[setting, opt]
-                for lr, seed in [(lr, 42) for lr in grid] if tuning else [(grid[1], s) for s in SEEDS]:
+                tuned = [(TUNED[setting, kind, opt], s) for s in SEEDS]
+                for lr, seed in [(lr, 42) for lr in grid] if tuning else tuned:
                     tag = f"lr{lr:g}" if tuning else f"s{seed}"
                     out.append(
                         {
@@ -132,22 +157,22 @@ images, B = 128, 15 epochs) and full-batch twin (fb-: first 256 images, 100 step
 diagnostics (NTK, CKA per block / hidden layer, weights) and kept epoch checkpoints. Validation split as
 the tuning studies (data.val_size; the training images do not change with it). Test set: all 10000 images.
 The RevMLP's right inverse J♭ exists only for RevMLP, so GN is J⁺ for every model here.
-Learning rates: the middle of each tuning grid until tuned. Tune (studies/tuning/architecture-*-cpu.toml),
-then
-  python scripts/tune.py runs/studies/tune-arch-mb-cpu \\
-      --template exactgn/lab/configs/studies/architecture-cpu.toml --only mb- \\
-      --out runs/architecture-cpu-1.toml
-  python scripts/tune.py runs/studies/tune-arch-fb-cpu --template runs/architecture-cpu-1.toml --only fb- \\
-      --out runs/architecture-cpu-tuned.toml
-  exactgn study runs/architecture-cpu-tuned.toml --out runs/studies/architecture-cpu
+Learning rates: tuned on the validation split (studies/tuning/architecture-*-cpu.toml, seed 42; logs and
+tables in results/tune-arch-{mb,fb}-cpu-* and RESULTS.md section 7), the choice of scripts/tune.py:
+  mini-batch  J⁺ 1.0 (every model; the top of its grid by design), Adam MLP 1e-3, ResMLP/RevMLP 3e-4,
+              SGD MLP 0.3, ResMLP/RevMLP 0.1;
+  full batch  J⁺ MLP 10, ResMLP 1.0, RevMLP 3.0; Adam MLP 3e-3, ResMLP 1e-3, RevMLP 3e-4;
+              SGD MLP 0.3, ResMLP 0.1, RevMLP 0.3.
+  exactgn study architecture-cpu --out runs/studies/architecture-cpu
 Regenerate with scripts/make_architecture_study.py (do not edit by hand).
 """,
     "architecture": """
 Architecture study, reference-size (a GPU): as architecture-cpu.toml (same data, epochs, seeds, optimisers and
 learning rates) with the reference width h = 8000: RevMLP and ResMLP d = 784, h = 8000, L = 2 (12,545,568
 trainable parameters), MLP 784 → 3166 → 3166 → 10 (12,543,702). train.device is auto (CUDA when present).
-Tune on the CPU twin or rerun the tuning files with the overrides of this file; then fill the rates with
-scripts/tune.py as in architecture-cpu.toml.
+The rates are the CPU twin's (tuned at h = 1024); a rate need not transfer across widths, so for a tuned
+comparison at this size rerun the tuning files with this file's overrides and fill the rates with
+scripts/tune.py --template (as the tuning files' headers show).
 Regenerate with scripts/make_architecture_study.py (do not edit by hand).
 """,
     "tuning-mb": """
@@ -155,7 +180,8 @@ Tuning for the architecture study: learning rate per contender (jplus/adam/sgd �
 exactgn.lab.evidence.contender, e.g. jplus-mlp) on the MNIST mini-batch twin of architecture-cpu.toml
 (first 10000 images, B = 128, 15 epochs), seed 42, on a validation split of 5000 images from outside the
 training subset (never the test set; the test set here: first 2000 images, not used for selection).
-Grids: GN (J⁺) 0.05, 0.2, 1.0; Adam 1e-4, 3e-4, 1e-3; SGD 0.03, 0.1, 0.3.
+Grids: GN (J⁺) 0.05, 0.2, 1.0 (1.0, the full function-space step, is the top by design); Adam 1e-4 … 3e-3;
+SGD 0.03 … 1.0 (the top values were added after the first grids' top was chosen).
   exactgn study exactgn/lab/configs/studies/tuning/architecture-minibatch-cpu.toml \\
       --out runs/studies/tune-arch-mb-cpu
   python scripts/tune.py runs/studies/tune-arch-mb-cpu        # the table and the chosen rates
@@ -166,7 +192,8 @@ Regenerate with scripts/make_architecture_study.py (do not edit by hand).
 Tuning for the architecture study: learning rate per contender (jplus/adam/sgd × mlp/resmlp/revmlp) on the
 MNIST full-batch twin of architecture-cpu.toml (first 256 images, 100 steps), seed 42, on a validation split
 of 1000 images from outside the training subset (test set: first 1000 images, not used for selection).
-Grids: GN (J⁺) 0.3, 1.0, 3.0; Adam 1e-4, 3e-4, 1e-3; SGD 0.03, 0.1, 0.3.
+Grids: GN (J⁺) 0.3, 1.0, 3.0, 10; Adam 1e-4 … 1e-2; SGD 0.03 … 1.0 (grown at the top after the first grids'
+top values were chosen).
   exactgn study exactgn/lab/configs/studies/tuning/architecture-fullbatch-cpu.toml \\
       --out runs/studies/tune-arch-fb-cpu
   python scripts/tune.py runs/studies/tune-arch-fb-cpu
@@ -224,14 +251,14 @@ def main() -> int:
         STUDIES / "tuning" / "architecture-minibatch-cpu.toml": (
             "tune-arch-mb-cpu",
             "Learning-rate tuning on a validation split for the architecture study: mini-batch twin, "
-            "J+/Adam/SGD x MLP/ResMLP/RevMLP x 3 rates",
+            "J+/Adam/SGD x MLP/ResMLP/RevMLP x 3-4 rates",
             {**COMMON, "data.test_size": 2000},
             runs(("mb",), 1024, tuning=True),
         ),
         STUDIES / "tuning" / "architecture-fullbatch-cpu.toml": (
             "tune-arch-fb-cpu",
             "Learning-rate tuning on a validation split for the architecture study: full-batch twin, "
-            "J+/Adam/SGD x MLP/ResMLP/RevMLP x 3 rates",
+            "J+/Adam/SGD x MLP/ResMLP/RevMLP x 4-5 rates",
             {**COMMON, "data.test_size": 1000},
             runs(("fb",), 1024, tuning=True),
         ),
