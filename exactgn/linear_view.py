@@ -10,10 +10,12 @@ updates the view's parameters updates the RevMLP.
 
 The RevMLP itself is unchanged (its parameter names, checkpoints and autograd-free GN path stay as they are).
 The view reads the fixed bottlenecks and readout from the RevMLP at every call, so moving or casting the
-RevMLP is seen by the view; move the RevMLP, not the view (the view owns no buffers).
+RevMLP is seen by the view, and ``view.to(...)`` (``.double()``, ``.cuda()``, …) moves or casts the RevMLP.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -73,6 +75,11 @@ class RevMLPLinearView(nn.Module):
     def model(self) -> RevMLP:
         """The RevMLP this is a view of."""
         return self._model
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> RevMLPLinearView:
+        # .to()/.double()/.cuda() act on the RevMLP, which holds the buffers and the very same parameters.
+        self._model._apply(fn, recurse)
+        return self
 
     def source_names(self) -> dict[str, str]:
         """View parameter name → the RevMLP's name of the same parameter (e.g. ``blocks.0.f.linear.weight``

@@ -103,6 +103,10 @@ def test_updates_through_the_view_reach_the_model_and_casts_reach_the_view(rng):
     model.to(torch.float32)
     out = view(x)
     assert out.dtype == torch.float32 and relative(out.double(), after) < 1e-5
+    view.double()  # casts the RevMLP it views: parameters and buffers alike
+    assert model.readout.dtype == F64 and all(p.dtype == F64 for p in model.parameters())
+    assert [id(p) for p in view.parameters()] == [id(p) for p in model.parameters()]
+    assert relative(view(x), model(x)) < 1e-14
 
 
 def test_view_of_something_else_is_refused():
