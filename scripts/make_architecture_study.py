@@ -201,24 +201,21 @@ Regenerate with scripts/make_architecture_study.py (do not edit by hand).
 """,
 }
 _MEASURED = """
-CPU time, 1 thread, measured on a shared 2-core machine under load (load average 4-5; idle cores are faster):
-one epoch of each contender's seed-42 run with diagnostics on (the lower of two passes), minutes per
-run (epochs × epoch + records × diagnostics record) J⁺ / Adam / SGD:
-  mini-batch (78 steps, ~25000 images evaluated per epoch): MLP 7.6 / 2.7 / 2.5, ResMLP 9.5 / 2.0 / 2.4,
-    RevMLP 7.3 / 2.3 / 2.3 (J⁺ epochs 29-37 s; Adam and SGD 8-12 s): 38.6 min per seed.
-  full-batch (1 step of 256 images per epoch): MLP 3.1 / 1.2 / 1.2, ResMLP 2.7 / 1.6 / 1.6,
-    RevMLP 2.9 / 1.8 / 1.7: 17.8 min per seed.
+CPU time, 1 thread per run, two runs side by side on an otherwise idle 2-core machine (AMD EPYC; wall_time_s
+of the committed runs, results/architecture-cpu-* and results/tune-arch-*), minutes per run J⁺ / Adam / SGD:
+  mini-batch (78 steps, 15 epochs, diagnostics every 3): MLP 3.7 / 1.3 / 0.9, ResMLP 3.6 / 1.2 / 1.2,
+    RevMLP 3.6 / 1.4 / 1.3: 18 min per seed.
+  full batch (100 steps of 256 images, diagnostics every 10): MLP 2.0 / 1.0 / 1.1, ResMLP 2.4 / 1.5 / 1.5,
+    RevMLP 2.6 / 1.8 / 1.7: 15.5 min per seed.
 """
 #: Measured CPU time (1 thread) appended to each header.
 TIMING = {
     "architecture-cpu": _MEASURED
-    + "54 runs: about 170 core-min (3 seeds × 56 min), ~1.5 h on 2 cores with two runs at a time.\n",
+    + "54 runs: 101 core-min; as two halves side by side, 44 and 58 min (measured).\n",
     "architecture": "Not measured on a GPU. On a CPU (not its place) h = 8000 holds 7.8× the parameters of\n"
-    "architecture-cpu.toml's models; expect at least that factor over its ~170 core-min.\n",
-    "tuning-mb": _MEASURED
-    + "27 runs (no diagnostics, 2000 test images): about 100 core-min (3 rates × ~36 min).\n",
-    "tuning-fb": _MEASURED
-    + "27 runs (no diagnostics, 1000 test images): about 45 core-min (3 rates × ~16 min).\n",
+    "architecture-cpu.toml's models; expect at least that factor over its ~100 core-min.\n",
+    "tuning-mb": _MEASURED + "33 runs (no diagnostics, 2000 test images): 48 core-min (measured).\n",
+    "tuning-fb": _MEASURED + "39 runs (no diagnostics, 1000 test images): 25 core-min (measured).\n",
 }
 
 

@@ -403,7 +403,7 @@ def _reference_of(config: Path) -> str:
     return name if name in REFERENCE else read_twin(name).of
 
 
-TUNED_PREFIXES = ("tuning/", "long-minibatch-cpu")
+TUNED_PREFIXES = ("tuning/", "long-minibatch-cpu", "architecture")  # architecture*: tests/test_tune.py
 
 
 def study_gn_runs() -> list[tuple[str, str, C.RunConfig]]:

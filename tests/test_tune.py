@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -230,3 +231,19 @@ def test_architecture_tuning_covers_nine_contenders(setting):
     for opt in ("jplus", "adam", "sgd"):
         grids = [sorted(v) for c, v in grid.items() if c.split("-")[0] == opt]
         assert len(grids) == 3 and all(g == grids[0] and len(set(g)) == len(g) >= 3 for g in grids)
+
+
+@pytest.mark.parametrize("setting", ["mb", "fb"])
+def test_the_shipped_architecture_rates_are_the_committed_tuning_logs_choice(tmp_path, setting):
+    """architecture-cpu.toml (and its GPU twin) carry what scripts/tune.py picks from results/tune-arch-*."""
+    logs = tmp_path / setting
+    for part in (ROOT / "results").glob(f"tune-arch-{setting}-cpu-*"):
+        shutil.copytree(part, logs / part.name, ignore=shutil.ignore_patterns("steps.csv*"))
+    chosen = {c: e["lr"] for c, e in TU.choose(TU.trials(logs, "final")).items()}
+    assert len(chosen) == 9
+    for name in ("architecture-cpu", "architecture"):
+        spec = load_study(STUDIES_DIR / f"{name}.toml")
+        for run in spec.runs:
+            if run.name.startswith(f"{setting}-"):
+                cfg = to_dict(run_config(spec, run, check_only=True))
+                assert cfg["optim"]["lr"] == chosen[contender(cfg)], (name, run.name)
