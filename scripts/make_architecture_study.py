@@ -132,6 +132,24 @@ def runs(settings: tuple[str, ...], hidden: int, tuning: bool) -> list[dict[str,
     return out
 
 
+def long_runs() -> list[dict[str, Any]]:
+    """The 100-epoch mini-batch follow-up: J⁺ and Adam on the MLP and the ResMLP, seed 42, tuned rates (the
+    RevMLP's 100-epoch runs are long-minibatch-cpu.toml's, at the same rates)."""
+    longer = {"train.epochs": 100, "train.checkpoint_every": 5, "diagnostics.every": 5}
+    out = []
+    for kind in ("mlp", "resmlp"):
+        for opt in ("gn", "adam"):
+            keys = run_keys("mb", kind, opt, 1024, TUNED["mb", kind, opt], 42)
+            out.append(
+                {
+                    "name": f"long-{kind}-{opt}-s42",
+                    "config": "mnist-minibatch-cpu/" + opt,
+                    "set": {**keys, **longer},
+                }
+            )
+    return out
+
+
 def study_text(header: str, name: str, description: str, fixed: dict[str, Any], items: list[dict]) -> str:
     lines = [f"# {line}".rstrip() for line in header.strip().splitlines()]
     lines += [f"name = {toml_value(name)}", f"description = {toml_value(description)}", "", "[set]"]
@@ -175,6 +193,14 @@ comparison at this size rerun the tuning files with this file's overrides and fi
 scripts/tune.py --template (as the tuning files' headers show).
 Regenerate with scripts/make_architecture_study.py (do not edit by hand).
 """,
+    "architecture-long-cpu": """
+Architecture study, 100 epochs with mini-batches (one seed): does the plain MLP's and the ResMLP's gap between
+exact GN (J⁺) and tuned Adam close over 100 epochs, as the RevMLP's does (long-minibatch-cpu.toml, section 5
+of RESULTS.md, at the same rates)? The mb- runs of architecture-cpu.toml for 100 epochs (7800 steps), seed 42,
+J⁺ and Adam on the MLP and the ResMLP, diagnostics every 5 epochs.
+  exactgn study architecture-long-cpu --out runs/studies/architecture-long-cpu
+Regenerate with scripts/make_architecture_study.py (do not edit by hand).
+""",
     "tuning-mb": """
 Tuning for the architecture study: learning rate per contender (jplus/adam/sgd × mlp/resmlp/revmlp; labels
 exactgn.lab.evidence.contender, e.g. jplus-mlp) on the MNIST mini-batch twin of architecture-cpu.toml
@@ -214,6 +240,7 @@ TIMING = {
     + "54 runs: 101 core-min; as two halves side by side, 44 and 58 min (measured).\n",
     "architecture": "Not measured on a GPU. On a CPU (not its place) h = 8000 holds 7.8× the parameters of\n"
     "architecture-cpu.toml's models; expect at least that factor over its ~100 core-min.\n",
+    "architecture-long-cpu": "4 runs: J⁺ ~25 and Adam ~9 CPU-minutes each (15-epoch times × 6.7).\n",
     "tuning-mb": _MEASURED + "33 runs (no diagnostics, 2000 test images): 48 core-min (measured).\n",
     "tuning-fb": _MEASURED + "39 runs (no diagnostics, 1000 test images): 25 core-min (measured).\n",
 }
@@ -259,8 +286,14 @@ def main() -> int:
             {**COMMON, "data.test_size": 1000},
             runs(("fb",), 1024, tuning=True),
         ),
+        STUDIES / "architecture-long-cpu.toml": (
+            "architecture-long-cpu",
+            "Exact GN (J+) vs Adam on MLP and ResMLP for 100 epochs with mini-batches (h = 1024), one seed",
+            final,
+            long_runs(),
+        ),
     }
-    keys = ("architecture-cpu", "architecture", "tuning-mb", "tuning-fb")
+    keys = ("architecture-cpu", "architecture", "tuning-mb", "tuning-fb", "architecture-long-cpu")
     for key, (path, (name, description, fixed, items)) in zip(keys, files.items()):
         header = HEADERS[key] + TIMING[key]
         path.write_text(study_text(header, name, description, fixed, items), encoding="utf-8")

@@ -353,6 +353,7 @@ CPU_ONLY = (
     "tuning/final-cifar10-fullbatch-cpu",
     "main/cifar10-minibatch-cpu",  # at the reference size: exactgn compare cifar10-minibatch --set seed=N
     "long-minibatch-cpu",
+    "architecture-long-cpu",
     "inverse/fullbatch-b128-cpu",
     "inverse/faithful-cpu",
 )
