@@ -66,26 +66,14 @@ GRIDS = {
     ("fb", "sgd"): (0.03, 0.1, 0.3, 1.0),
 }
 #: Rates of the study, chosen by scripts/tune.py on the tuning studies' validation split (seed 42; logs in
-#: results/tune-arch-{mb,fb}-cpu-*): (setting, model kind, optimiser) → learning rate.
+#: results/tune-arch-{mb,fb}-cpu-*): (setting, optimiser) → model kind → learning rate.
 TUNED = {
-    ("mb", "mlp", "gn"): 1.0,
-    ("mb", "mlp", "adam"): 1e-3,
-    ("mb", "mlp", "sgd"): 0.3,
-    ("mb", "resmlp", "gn"): 1.0,
-    ("mb", "resmlp", "adam"): 3e-4,
-    ("mb", "resmlp", "sgd"): 0.1,
-    ("mb", "revmlp", "gn"): 1.0,
-    ("mb", "revmlp", "adam"): 3e-4,
-    ("mb", "revmlp", "sgd"): 0.1,
-    ("fb", "mlp", "gn"): 10.0,
-    ("fb", "mlp", "adam"): 3e-3,
-    ("fb", "mlp", "sgd"): 0.3,
-    ("fb", "resmlp", "gn"): 1.0,
-    ("fb", "resmlp", "adam"): 1e-3,
-    ("fb", "resmlp", "sgd"): 0.1,
-    ("fb", "revmlp", "gn"): 3.0,
-    ("fb", "revmlp", "adam"): 3e-4,
-    ("fb", "revmlp", "sgd"): 0.3,
+    ("mb", "gn"): {"mlp": 1.0, "resmlp": 1.0, "revmlp": 1.0},
+    ("mb", "adam"): {"mlp": 1e-3, "resmlp": 3e-4, "revmlp": 3e-4},
+    ("mb", "sgd"): {"mlp": 0.3, "resmlp": 0.1, "revmlp": 0.1},
+    ("fb", "gn"): {"mlp": 10.0, "resmlp": 1.0, "revmlp": 3.0},
+    ("fb", "adam"): {"mlp": 3e-3, "resmlp": 1e-3, "revmlp": 3e-4},
+    ("fb", "sgd"): {"mlp": 0.3, "resmlp": 0.1, "revmlp": 0.3},
 }
 COMMON = {
     "optim.gn.solve_dtype": "float64",
@@ -118,9 +106,12 @@ def runs(settings: tuple[str, ...], hidden: int, tuning: bool) -> list[dict[str,
     for setting in settings:
         for kind in KINDS:
             for opt in OPTIMISERS:
-                grid = GRIDS[setting, opt]
-                tuned = [(TUNED[setting, kind, opt], s) for s in SEEDS]
-                for lr, seed in [(lr, 42) for lr in grid] if tuning else tuned:
+                pairs = (
+                    [(lr, 42) for lr in GRIDS[setting, opt]]
+                    if tuning
+                    else [(TUNED[setting, opt][kind], s) for s in SEEDS]
+                )
+                for lr, seed in pairs:
                     tag = f"lr{lr:g}" if tuning else f"s{seed}"
                     out.append(
                         {
@@ -139,7 +130,7 @@ def long_runs() -> list[dict[str, Any]]:
     out = []
     for kind in ("mlp", "resmlp"):
         for opt in ("gn", "adam"):
-            keys = run_keys("mb", kind, opt, 1024, TUNED["mb", kind, opt], 42)
+            keys = run_keys("mb", kind, opt, 1024, TUNED["mb", opt][kind], 42)
             out.append(
                 {
                     "name": f"long-{kind}-{opt}-s42",
@@ -176,12 +167,9 @@ diagnostics (NTK, CKA per block / hidden layer, weights) and kept epoch checkpoi
 the tuning studies (data.val_size; the training images do not change with it). Test set: all 10000 images.
 The RevMLP's right inverse J♭ exists only for RevMLP, so GN is J⁺ for every model here.
 Learning rates: tuned on the validation split (studies/tuning/architecture-*-cpu.toml, seed 42; logs and
-tables in results/tune-arch-{mb,fb}-cpu-* and RESULTS.md section 7), the choice of scripts/tune.py:
-  mini-batch  J⁺ 1.0 (every model; the top of its grid by design), Adam MLP 1e-3, ResMLP/RevMLP 3e-4,
-              SGD MLP 0.3, ResMLP/RevMLP 0.1;
-  full batch  J⁺ MLP 10, ResMLP 1.0, RevMLP 3.0; Adam MLP 3e-3, ResMLP 1e-3, RevMLP 3e-4;
-              SGD MLP 0.3, ResMLP 0.1, RevMLP 0.3.
-  exactgn study architecture-cpu --out runs/studies/architecture-cpu
+tables in results/tune-arch-{mb,fb}-cpu-* and RESULTS.md section 7), the choice of scripts/tune.py, MLP /
+ResMLP / RevMLP (the mini-batch J⁺ grid tops out at 1.0 by design):
+{rates}  exactgn study architecture-cpu --out runs/studies/architecture-cpu
 Regenerate with scripts/make_architecture_study.py (do not edit by hand).
 """,
     "architecture": """
@@ -248,6 +236,17 @@ TIMING = {
 }
 
 
+def rates_text() -> str:
+    """The tuned rates of :data:`TUNED`, one line per setting and optimiser, for the study's header."""
+    names = {"mb": "mini-batch", "fb": "full batch", "gn": "J⁺", "adam": "Adam", "sgd": "SGD"}
+    return "".join(
+        f"  {names[setting]:<11} {names[opt]:<5} "
+        + " / ".join(f"{TUNED[setting, opt][k]:g}" for k in KINDS)
+        + "\n"
+        for setting, opt in TUNED
+    )
+
+
 def main() -> int:
     final = {
         **COMMON,
@@ -297,7 +296,7 @@ def main() -> int:
     }
     keys = ("architecture-cpu", "architecture", "tuning-mb", "tuning-fb", "architecture-long-cpu")
     for key, (path, (name, description, fixed, items)) in zip(keys, files.items()):
-        header = HEADERS[key] + TIMING[key]
+        header = HEADERS[key].replace("{rates}", rates_text()) + TIMING[key]
         path.write_text(study_text(header, name, description, fixed, items), encoding="utf-8")
         print(f"wrote {path.relative_to(ROOT)} ({len(items)} runs)")
     return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -234,12 +233,11 @@ def test_architecture_tuning_covers_nine_contenders(setting):
 
 
 @pytest.mark.parametrize("setting", ["mb", "fb"])
-def test_the_shipped_architecture_rates_are_the_committed_tuning_logs_choice(tmp_path, setting):
+def test_the_shipped_architecture_rates_are_the_committed_tuning_logs_choice(setting):
     """architecture-cpu.toml (and its GPU twin) carry what scripts/tune.py picks from results/tune-arch-*."""
-    logs = tmp_path / setting
-    for part in (ROOT / "results").glob(f"tune-arch-{setting}-cpu-*"):
-        shutil.copytree(part, logs / part.name, ignore=shutil.ignore_patterns("steps.csv*"))
-    chosen = {c: e["lr"] for c, e in TU.choose(TU.trials(logs, "final")).items()}
+    parts = sorted((ROOT / "results").glob(f"tune-arch-{setting}-cpu-*"))
+    entries = [entry for part in parts for entry in TU.trials(part, "final")]
+    chosen = {c: e["lr"] for c, e in TU.choose(entries).items()}
     assert len(chosen) == 9
     for name in ("architecture-cpu", "architecture"):
         spec = load_study(STUDIES_DIR / f"{name}.toml")
